@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Set up a virtualenv from the project's own files and run every check CI runs:
+# ruff and mypy on src/, then the test suite on Python 3.11 and, where the tool
+# exists (../shared/tools/py314), on Python 3.14 too.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+if [[ ! -x .venv/bin/python ]]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[dev]"
+echo "== ruff"; .venv/bin/ruff check src tests bench
+echo "== mypy"; .venv/bin/mypy src
+echo "== pytest (python $(.venv/bin/python -c 'import sys; print(sys.version.split()[0])'))"
+.venv/bin/python -m pytest -q "$@"
+PY314=../shared/tools/py314
+if [[ -x $PY314 && -z ${GEARSHIFT_SKIP_314:-} ]]; then
+  echo "== pytest (python 3.14, via $PY314)"
+  if [[ ! -x .venv314/bin/python ]]; then
+    "$PY314" python3.14 -m venv .venv314
+  fi
+  "$PY314" .venv314/bin/python -m pip install -q --upgrade pip
+  "$PY314" .venv314/bin/python -m pip install -q -e ".[test]"
+  "$PY314" .venv314/bin/python -m pytest -q "$@"
+fi

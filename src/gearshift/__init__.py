@@ -1,0 +1,58 @@
+"""gearshift: run Python work concurrently in the right gear.
+
+    import gearshift as gs
+    results = gs.map(fn, items, gear="process")
+
+Gears: "serial" (the caller), "async" (an event loop), "thread" (a thread pool),
+"process" (worker processes). Everything public is re-exported here; modules whose
+names start with an underscore are private.
+"""
+
+from __future__ import annotations
+
+from gearshift._api import ResultIterator, Results, amap, imap, map
+from gearshift._cancel import CancelToken, cancel_token, cancelled
+from gearshift._engine import Report
+from gearshift._gears import AsyncGear, Gear, ProcessGear, SerialGear, ThreadGear
+from gearshift._retry import Retry
+from gearshift.errors import (
+    Failure,
+    GearshiftError,
+    InitializerError,
+    RemoteTraceback,
+    TaskTimeout,
+    UnpicklableError,
+    WorkerCrashed,
+)
+from gearshift.executor import Executor
+from gearshift.pool import AsyncResult, Pool
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncGear",
+    "AsyncResult",
+    "CancelToken",
+    "Executor",
+    "Failure",
+    "Gear",
+    "GearshiftError",
+    "InitializerError",
+    "Pool",
+    "ProcessGear",
+    "RemoteTraceback",
+    "Report",
+    "ResultIterator",
+    "Results",
+    "Retry",
+    "SerialGear",
+    "TaskTimeout",
+    "ThreadGear",
+    "UnpicklableError",
+    "WorkerCrashed",
+    "amap",
+    "cancel_token",
+    "cancelled",
+    "imap",
+    "map",
+]

@@ -1,0 +1,231 @@
+"""``gs.map``, ``gs.imap`` and ``gs.amap``: one function over many items, in a gear."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from typing import Any, Literal
+
+from gearshift._engine import ErrorPolicy, Report, Scheduler, adrive, drive
+from gearshift._gears import Gear, make_gear
+from gearshift._progress import ProgressArg
+from gearshift._retry import Retry
+from gearshift._task import RunSpec
+
+__all__ = ["Results", "ResultIterator", "amap", "imap", "map"]
+
+GearArg = str | Gear
+
+
+class Results(list[Any]):
+    """The list ``gs.map`` returns, with the run's ``report`` attached."""
+
+    report: Report
+
+
+class ResultIterator(Iterator[Any]):
+    """The lazy results of ``gs.imap``; ``report`` fills in as the run goes.
+
+    Breaking out of a loop over it, or ``close()``, stops the run and its workers.
+    """
+
+    def __init__(self, pairs: Iterator[tuple[int, Any]], scheduler: Scheduler) -> None:
+        self._pairs = pairs
+        self._scheduler = scheduler
+
+    @property
+    def report(self) -> Report:
+        return self._scheduler.report
+
+    def __iter__(self) -> ResultIterator:
+        return self
+
+    def __next__(self) -> Any:
+        return next(self._pairs)[1]
+
+    def close(self) -> None:
+        self._pairs.close()  # type: ignore[attr-defined]
+
+    def __enter__(self) -> ResultIterator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _workers(workers: int | None, concurrency: int | None) -> int | None:
+    if workers is not None and concurrency is not None and workers != concurrency:
+        raise ValueError("workers and concurrency are the same setting; give one of them")
+    return workers if workers is not None else concurrency
+
+
+def _prepare(
+    fn: Callable[[Any], Any],
+    items: Iterable[Any],
+    gear: GearArg,
+    workers: int | None,
+    concurrency: int | None,
+    ordered: bool,
+    chunksize: int | Literal["auto"],
+    errors: ErrorPolicy,
+    progress: ProgressArg,
+    timeout: float | None,
+    retries: int | Retry | None,
+    rate: str | float | None,
+    initializer: Callable[..., Any] | None,
+    initargs: tuple[Any, ...],
+    max_tasks_per_worker: int | None,
+) -> tuple[Scheduler, Gear, RunSpec]:
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    if timeout is not None and timeout <= 0:
+        raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
+    if max_tasks_per_worker is not None and max_tasks_per_worker < 1:
+        raise ValueError(f"max_tasks_per_worker must be >= 1, got {max_tasks_per_worker!r}")
+    the_gear = make_gear(gear, _workers(workers, concurrency))
+    scheduler = Scheduler(
+        fn, items, the_gear, ordered=ordered, chunksize=chunksize, errors=errors, retries=retries,
+        rate=rate, progress=progress,
+    )
+    spec = RunSpec(timeout, initializer, tuple(initargs), max_tasks_per_worker)
+    return scheduler, the_gear, spec
+
+
+def _refuse_running_loop(name: str) -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise RuntimeError(
+        f"gs.{name}() blocks, and was called from a running event loop; "
+        "use `async for result in gs.amap(...)` inside async code"
+    )
+
+
+def imap(
+    fn: Callable[[Any], Any],
+    items: Iterable[Any],
+    *,
+    gear: GearArg = "thread",
+    workers: int | None = None,
+    concurrency: int | None = None,
+    ordered: bool = True,
+    chunksize: int | Literal["auto"] = "auto",
+    errors: ErrorPolicy = "raise",
+    progress: ProgressArg = False,
+    timeout: float | None = None,
+    retries: int | Retry | None = 0,
+    rate: str | float | None = None,
+    initializer: Callable[..., Any] | None = None,
+    initargs: tuple[Any, ...] = (),
+    max_tasks_per_worker: int | None = None,
+) -> ResultIterator:
+    """Lazily yield ``fn(item)`` for each item, running them concurrently in ``gear``.
+
+    Memory stays bounded however long (or endless) ``items`` is: only a window of a
+    few batches per worker is in flight. See ``gs.map`` for the options.
+    """
+    _refuse_running_loop("imap")
+    scheduler, the_gear, spec = _prepare(
+        fn, items, gear, workers, concurrency, ordered, chunksize, errors, progress, timeout, retries, rate,
+        initializer, initargs, max_tasks_per_worker,
+    )
+    return ResultIterator(drive(scheduler, the_gear, spec), scheduler)
+
+
+def map(  # noqa: A001 - the name is the point
+    fn: Callable[[Any], Any],
+    items: Iterable[Any],
+    *,
+    gear: GearArg = "thread",
+    workers: int | None = None,
+    concurrency: int | None = None,
+    ordered: bool = True,
+    chunksize: int | Literal["auto"] = "auto",
+    errors: ErrorPolicy = "raise",
+    progress: ProgressArg = False,
+    timeout: float | None = None,
+    retries: int | Retry | None = 0,
+    rate: str | float | None = None,
+    initializer: Callable[..., Any] | None = None,
+    initargs: tuple[Any, ...] = (),
+    max_tasks_per_worker: int | None = None,
+) -> Results:
+    """Run ``fn`` over ``items`` concurrently and return the results as a list.
+
+    gear:      "serial", "thread", "process", "async" (or a Gear object).
+    workers:   threads or processes, or tasks at once for "async" (alias: ``concurrency``).
+    ordered:   results in input order (True) or as they complete (False).
+    chunksize: "auto" sizes batches from measured task time; an int fixes it.
+    errors:    "raise" cancels the rest and re-raises the first error (with the item and
+               the worker's traceback); "collect" puts a ``gs.Failure`` in its place;
+               "skip" drops it (counted in ``report.skipped``).
+    timeout:   seconds per item; the item fails with ``gs.TaskTimeout``.
+    retries:   extra attempts per item (int) or a ``gs.Retry`` policy.
+    rate:      at most this many item starts, e.g. ``"50/s"``.
+    progress:  a progress bar on stderr when it is a terminal (``"force"``: always).
+
+    On an exception (Ctrl-C included) the results finished so far are on the exception as
+    ``partial_results`` (a dict from input position to result).
+    """
+    _refuse_running_loop("map")
+    scheduler, the_gear, spec = _prepare(
+        fn, items, gear, workers, concurrency, ordered, chunksize, errors, progress, timeout, retries, rate,
+        initializer, initargs, max_tasks_per_worker,
+    )
+    done: dict[int, Any] = {}
+    results = Results()
+    try:
+        for index, value in drive(scheduler, the_gear, spec):
+            done[index] = value
+    except BaseException as exc:
+        partial = {**done, **scheduler.buffered()}
+        try:
+            exc.partial_results = dict(sorted(partial.items()))  # type: ignore[attr-defined]
+        except (AttributeError, TypeError):
+            pass
+        raise
+    results.extend(done.values())
+    results.report = scheduler.report
+    return results
+
+
+async def amap(
+    fn: Callable[[Any], Any],
+    items: Iterable[Any],
+    *,
+    gear: GearArg = "async",
+    workers: int | None = None,
+    concurrency: int | None = None,
+    ordered: bool = True,
+    chunksize: int | Literal["auto"] = "auto",
+    errors: ErrorPolicy = "raise",
+    progress: ProgressArg = False,
+    timeout: float | None = None,
+    retries: int | Retry | None = 0,
+    rate: str | float | None = None,
+    initializer: Callable[..., Any] | None = None,
+    initargs: tuple[Any, ...] = (),
+    max_tasks_per_worker: int | None = None,
+) -> AsyncIterator[Any]:
+    """``gs.imap`` for async code: ``async for result in gs.amap(fetch, urls, concurrency=100)``.
+
+    In the async gear the tasks run on the caller's own event loop. Use
+    ``contextlib.aclosing(gs.amap(...))`` when you may break out of the loop early, so
+    the run stops at once rather than when the generator is collected.
+    """
+    scheduler, the_gear, spec = _prepare(
+        fn, items, gear, workers, concurrency, ordered, chunksize, errors, progress, timeout, retries, rate,
+        initializer, initargs, max_tasks_per_worker,
+    )
+    pairs = adrive(scheduler, the_gear, spec)
+    async with contextlib.aclosing(pairs):
+        async for _, value in pairs:
+            yield value

@@ -1,0 +1,87 @@
+"""The one small interface every gear implements.
+
+The engine (``gearshift._engine``) owns scheduling: the in-flight window, order,
+chunk sizes, retries, the error policy and progress. A gear only runs batches:
+
+* ``open(spec)``     get ready (workers may start lazily, on the first submit);
+* ``submit(batch)``  queue a batch; never blocks, the engine bounds what is queued;
+* ``collect(t)``     block up to ``t`` seconds for outcomes, and enforce timeouts;
+* ``wake()``         make a blocked ``collect`` return now (new work, shutdown);
+* ``close(cancel)``  finish (or, with ``cancel``, drop) the work and stop every worker.
+
+A new gear (dask, ray, sub-interpreters) is one new module with one subclass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from gearshift._task import Batch, Outcome, RunSpec
+
+
+def cpu_count() -> int:
+    """Cores this process may run on (affinity-aware), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class Gear(ABC):
+    """Runs batches of tasks; see the module docstring for the contract."""
+
+    name: ClassVar[str]
+    #: Seconds of work a batch should hold so its dispatch cost stays ~1% (0: never chunk).
+    #: Read on every admission, so a gear may change it as it learns (the auto gear does).
+    chunk_target: float = 0.0
+    #: True when items and the function cross a process boundary (must pickle).
+    pickles: ClassVar[bool] = False
+
+    def __init__(self, workers: int | None = None) -> None:
+        if workers is not None and (not isinstance(workers, int) or workers < 1):
+            raise ValueError(f"workers must be a positive int, got {workers!r}")
+        self.workers: int = workers if workers is not None else self.default_workers()
+
+    @classmethod
+    def default_workers(cls) -> int:
+        return cpu_count()
+
+    def max_inflight(self) -> int:
+        """Batches worth keeping queued: enough that no worker waits for the next one."""
+        return 2 * self.workers
+
+    def check(self, fn: Callable[..., Any]) -> None:  # noqa: B027 - optional hook
+        """Raise before any worker starts if ``fn`` cannot run in this gear."""
+
+    @abstractmethod
+    def open(self, spec: RunSpec) -> None: ...
+
+    @abstractmethod
+    def submit(self, batch: Batch) -> None: ...
+
+    @abstractmethod
+    def collect(self, timeout: float | None) -> list[Outcome]: ...
+
+    async def acollect(self, timeout: float | None) -> list[Outcome]:
+        """``collect`` for async callers; gears with a native loop override it."""
+        return await asyncio.to_thread(self.collect, timeout)
+
+    @abstractmethod
+    def wake(self) -> None: ...
+
+    @abstractmethod
+    def close(self, cancel: bool = False) -> None: ...
+
+    async def aclose(self, cancel: bool = False) -> None:
+        """``close`` for async callers."""
+        await asyncio.to_thread(self.close, cancel)
+
+    def describe(self) -> str:
+        return f"{self.name} gear, {self.workers} worker{'s' if self.workers != 1 else ''}"
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} workers={self.workers}>"

@@ -1,0 +1,132 @@
+"""The loop a worker process runs (kept small: it is what a forkserver preloads).
+
+Protocol over the worker's own pipe, each message pickled:
+  parent -> worker  (batch_id, fn_key, fn_bytes | None, items)   or None to stop
+  worker -> parent  ("done", batch_id, [(ok, value, tb, elapsed), ...])
+                    ("bye", tasks_done)        leaving after max_tasks_per_worker
+                    ("init_error", exc, tb)    the initializer raised
+Before each item the worker writes its start time, then ``batch_id << 20 | pos``, into
+its slots of two shared arrays, so the parent can tell which item a dead or
+overdue worker was running without a message per item.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+
+POS_BITS = 20
+loads = pickle.loads
+
+
+def dumps(obj: Any) -> bytes:
+    """Plain pickle first (fast); cloudpickle for lambdas, closures and ``__main__`` objects."""
+    try:
+        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        data: bytes = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        return data
+
+
+def _watch_parent(parent: int) -> None:
+    """Leave when the parent is gone, even in the middle of a long task: no orphans.
+
+    ``parent`` is the process that owns the pool; under forkserver it is not our ppid.
+    """
+    ppid = os.getppid()
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != ppid:
+            os._exit(1)
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:
+            os._exit(1)
+        except PermissionError:
+            pass
+
+
+def _pack_results(bid: int, results: list[tuple[bool, Any, str, float]]) -> bytes:
+    try:
+        return dumps(("done", bid, results))
+    except Exception:
+        pass
+    safe = []
+    for ok, value, tb, elapsed in results:
+        try:
+            dumps(value)
+        except Exception as exc:
+            what = "result" if ok else "exception"
+            value = TypeError(f"the {what} {type(value).__name__} could not be pickled back: {exc}")
+            ok, tb = False, ""
+        safe.append((ok, value, tb, elapsed))
+    return dumps(("done", bid, safe))
+
+
+def main(conn: Any, tags: Any, starts: Any, wid: int, parent: int, init: bytes | None, max_tasks: int | None) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="gearshift-watch").start()
+    from gearshift._task import call  # after fork, so a forkserver preload stays light
+
+    if init is not None:
+        initializer, initargs = pickle.loads(init)
+        try:
+            initializer(*initargs)
+        except BaseException as exc:
+            conn.send_bytes(_pack_init_error(exc))
+            return
+    fns: dict[int, Callable[[Any], Any]] = {}
+    done = 0
+    perf = time.perf_counter
+    monotonic = time.monotonic
+    while True:
+        try:
+            data = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        msg = pickle.loads(data)
+        if msg is None:
+            return
+        bid, key, fn_bytes, items = msg
+        if fn_bytes is not None:
+            fns[key] = pickle.loads(fn_bytes)
+        fn = fns[key]
+        results: list[tuple[bool, Any, str, float]] = []
+        tag = bid << POS_BITS
+        for pos, item in enumerate(items):
+            starts[wid] = monotonic()
+            tags[wid] = tag | pos
+            start = perf()
+            try:
+                value = call(fn, item)
+            except BaseException as exc:  # SystemExit and friends fail the item, not the worker
+                results.append((False, exc, "".join(traceback.format_exception(exc)), perf() - start))
+            else:
+                results.append((True, value, "", perf() - start))
+        tags[wid] = -1
+        conn.send_bytes(_pack_results(bid, results))
+        done += len(items)
+        if max_tasks is not None and done >= max_tasks:
+            conn.send_bytes(dumps(("bye", done)))
+            return
+
+
+def _pack_init_error(exc: BaseException) -> bytes:
+    tb = "".join(traceback.format_exception(exc))
+    try:
+        return dumps(("init_error", exc, tb))
+    except Exception:
+        return dumps(("init_error", RuntimeError(repr(exc)), tb))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("gearshift._gears._worker is started by the process gear")

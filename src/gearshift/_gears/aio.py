@@ -1,0 +1,269 @@
+"""The async gear: one event loop (uvloop when installed), tasks bounded by a semaphore.
+
+Coroutine functions run as tasks; plain (blocking) functions run in a thread pool of
+the same size, as ``asyncio.to_thread`` would, so they never stall the loop. Two modes:
+
+* called from sync code (``gs.map``, ``Executor``): the gear owns a loop in a thread,
+  whose tasks live in an ``asyncio.TaskGroup``: an error or cancellation ends them all;
+* bound to the caller's running loop (``gs.amap``): tasks run right there, so they can
+  use the caller's loop-bound objects (an aiohttp session, say).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from gearshift._cancel import CancelToken, bind_token
+from gearshift._gears._base import Gear
+from gearshift._task import Batch, Outcome, RunSpec, Task, format_tb
+from gearshift.errors import InitializerError, TaskTimeout
+
+#: Seconds ``close(cancel=True)`` waits for the loop thread to finish cancelling.
+CANCEL_GRACE = 1.5
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    """uvloop's loop when installed (it pays off with many events), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def is_async_callable(fn: Callable[..., Any]) -> bool:
+    """True for ``async def`` functions, partials of them and objects with an async ``__call__``."""
+    if inspect.iscoroutinefunction(fn):
+        return True
+    call = getattr(type(fn), "__call__", None)  # noqa: B004 - we want the class attribute
+    return call is not None and inspect.iscoroutinefunction(call)
+
+
+class AsyncGear(Gear):
+    name = "async"
+
+    def __init__(self, workers: int | None = None) -> None:
+        super().__init__(workers)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._native = False
+        self._thread: threading.Thread | None = None
+        self._sem: asyncio.Semaphore | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._tg: asyncio.TaskGroup | None = None
+        self._stop: asyncio.Event | None = None
+        self._done: queue.SimpleQueue[list[Outcome] | None] = queue.SimpleQueue()
+        self._native_done: list[Outcome] = []
+        self._native_event: asyncio.Event | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._spec = RunSpec()
+        self._token = CancelToken()
+        self._is_async: dict[int, bool] = {}
+
+    @classmethod
+    def default_workers(cls) -> int:
+        return 100
+
+    def max_inflight(self) -> int:
+        return 2 * self.workers
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Run on ``loop`` (the caller's) instead of a loop of our own; call before ``open``."""
+        self._loop = loop
+        self._native = True
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def open(self, spec: RunSpec) -> None:
+        self._spec = spec
+        self._token = CancelToken()
+        self._pool = ThreadPoolExecutor(max_workers=min(self.workers, 256), thread_name_prefix="gearshift-async")
+        if spec.initializer is not None:
+            try:
+                spec.initializer(*spec.initargs)
+            except Exception as exc:
+                raise InitializerError(f"initializer {spec.initializer!r} raised {exc!r}") from exc
+        if self._native:
+            self._sem = asyncio.Semaphore(self.workers)
+            self._native_event = asyncio.Event()
+            return
+        started = threading.Event()
+        self._thread = threading.Thread(target=self._serve, args=(started,), name="gearshift-async-loop", daemon=True)
+        self._thread.start()
+        started.wait()
+
+    def _serve(self, started: threading.Event) -> None:
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            runner.run(self._main(started))
+
+    async def _main(self, started: threading.Event) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._sem = asyncio.Semaphore(self.workers)
+        self._stop = asyncio.Event()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                started.set()
+                await self._stop.wait()
+        finally:
+            self._tg = None
+
+    # -- work -----------------------------------------------------------------------------
+    def submit(self, batch: Batch) -> None:
+        assert self._loop is not None
+        if self._native:
+            self._spawn(batch)
+        else:
+            self._loop.call_soon_threadsafe(self._spawn, batch)
+
+    def _spawn(self, batch: Batch) -> None:
+        for task in batch.tasks:
+            coro = self._run(batch.fn, task)
+            if self._tg is not None:
+                handle = self._tg.create_task(coro)
+            else:
+                handle = asyncio.get_running_loop().create_task(coro)
+            self._tasks.add(handle)
+            handle.add_done_callback(self._tasks.discard)
+
+    def _async(self, fn: Callable[..., Any]) -> bool:
+        known = self._is_async.get(id(fn))
+        if known is None:
+            known = self._is_async[id(fn)] = is_async_callable(fn)
+        return known
+
+    async def _invoke(self, fn: Callable[[Any], Any], item: Any) -> Any:
+        if self._async(fn):
+            return await fn(item)
+        loop = asyncio.get_running_loop()
+        ctx = contextvars.copy_context()
+        result = await loop.run_in_executor(self._pool, ctx.run, self._in_thread, fn, item)
+        if inspect.isawaitable(result):  # a plain function that returned a coroutine
+            result = await result
+        return result
+
+    def _in_thread(self, fn: Callable[[Any], Any], item: Any) -> Any:
+        with bind_token(self._token):
+            return fn(item)
+
+    async def _run(self, fn: Callable[[Any], Any], task: Task) -> None:
+        assert self._sem is not None
+        async with self._sem:
+            start = time.perf_counter()
+            scope = asyncio.timeout(self._spec.timeout)  # None: no deadline
+            try:
+                async with scope:
+                    value = await self._invoke(fn, task.item)
+            except Exception as exc:
+                elapsed = time.perf_counter() - start
+                if isinstance(exc, TimeoutError) and scope.expired():
+                    limit = self._spec.timeout or 0.0
+                    self._deliver(Outcome(task, False, TaskTimeout(limit, task.item, task.index), elapsed))
+                else:
+                    self._deliver(Outcome(task, False, exc, elapsed, format_tb(exc)))
+                return
+            self._deliver(Outcome(task, True, value, time.perf_counter() - start))
+
+    def _deliver(self, outcome: Outcome) -> None:
+        if self._native:
+            assert self._native_event is not None
+            self._native_done.append(outcome)
+            self._native_event.set()
+        else:
+            self._done.put([outcome])
+
+    def collect(self, timeout: float | None) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        try:
+            got = self._done.get(timeout=timeout)
+        except queue.Empty:
+            return outcomes
+        while True:
+            if got is not None:
+                outcomes.extend(got)
+            try:
+                got = self._done.get_nowait()
+            except queue.Empty:
+                return outcomes
+
+    async def acollect(self, timeout: float | None) -> list[Outcome]:
+        if not self._native:
+            return await super().acollect(timeout)
+        assert self._native_event is not None
+        if not self._native_done:
+            try:
+                await asyncio.wait_for(self._native_event.wait(), timeout)
+            except TimeoutError:
+                pass
+        self._native_event.clear()
+        outcomes, self._native_done = self._native_done, []
+        return outcomes
+
+    def wake(self) -> None:
+        if self._native:
+            if self._native_event is not None:
+                self._native_event.set()
+        else:
+            self._done.put(None)
+
+    # -- shutdown -------------------------------------------------------------------------
+    def _cancel_all(self) -> None:
+        for handle in list(self._tasks):
+            handle.cancel()
+        if self._stop is not None:
+            self._stop.set()
+
+    def close(self, cancel: bool = False) -> None:
+        if cancel:
+            self._token.cancel()
+        if self._native:
+            for handle in list(self._tasks):
+                handle.cancel()
+        elif self._loop is not None and self._thread is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._cancel_all if cancel else self._stop_soon)
+            except RuntimeError:  # the loop already closed
+                pass
+            deadline = time.monotonic() + CANCEL_GRACE
+            while self._thread.is_alive() and (not cancel or time.monotonic() < deadline):
+                self._thread.join(0.05)  # in slices: the main thread keeps receiving signals
+        if self._pool is not None:
+            self._pool.shutdown(wait=not cancel, cancel_futures=True)
+        self._reset()
+
+    async def aclose(self, cancel: bool = False) -> None:
+        """Close from the caller's loop, awaiting the cancelled tasks (native mode)."""
+        if not self._native:
+            await asyncio.to_thread(self.close, cancel)
+            return
+        if cancel:
+            self._token.cancel()
+        tasks = list(self._tasks)
+        for handle in tasks:
+            handle.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._reset()
+
+    def _stop_soon(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+    def _reset(self) -> None:
+        self._tasks.clear()
+        self._thread = None
+        self._pool = None
+        self._done = queue.SimpleQueue()
+        self._native_done = []
+        self._is_async.clear()
+        if not self._native:
+            self._loop = None

@@ -1,0 +1,381 @@
+"""The process gear: worker processes, each with its own pipe, for CPU work that holds the GIL.
+
+Why not ``ProcessPoolExecutor``: one dead worker breaks its whole pool, and a runaway
+task cannot be stopped. Here every worker has its own pipe and two shared slots
+(which item it runs, since when), so the parent knows exactly which item a dead or
+overdue worker held: that item fails (``WorkerCrashed`` / ``TaskTimeout``), the rest
+of its batch is re-run, the worker is replaced and the run goes on.
+
+The function is pickled once per worker with cloudpickle (lambdas, closures and
+``__main__`` functions work under fork, spawn and forkserver); items and results use
+plain pickle, falling back to cloudpickle. The parent never runs a thread of its
+own: ``collect`` waits on the pipes and process sentinels from the caller's thread,
+which keeps receiving signals.
+"""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing as mp
+import os
+import sys
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from multiprocessing.context import BaseContext
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import cloudpickle
+
+from gearshift._gears import _worker
+from gearshift._gears._base import Gear, cpu_count
+from gearshift._task import Batch, Outcome, RunSpec, Task
+from gearshift.errors import (
+    InitializerError,
+    RemoteTraceback,
+    TaskTimeout,
+    UnpicklableError,
+    WorkerCrashed,
+    short_repr,
+)
+
+#: Seconds a worker gets to leave after SIGTERM before it is SIGKILLed.
+TERMINATE_GRACE = 1.0
+#: Batches sent ahead to each worker, so it never waits for the parent between batches.
+PREFETCH = 2
+_POS_MASK = (1 << _worker.POS_BITS) - 1
+
+_open_gears: weakref.WeakSet[ProcessGear] = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    """A gear nobody closed (an abandoned generator) must not keep workers past exit."""
+    for gear in list(_open_gears):
+        gear.close(cancel=True)
+
+
+def default_start_method() -> str:
+    """``fork`` where it is the platform's old default (fastest start); else the default.
+
+    Python 3.14 moved Linux to forkserver; there we follow it. ``GEARSHIFT_START_METHOD``
+    overrides both.
+    """
+    chosen = os.environ.get("GEARSHIFT_START_METHOD")
+    if chosen:
+        return chosen
+    if sys.version_info < (3, 14) and "fork" in mp.get_all_start_methods():
+        return "fork"
+    return mp.get_context().get_start_method()
+
+
+@dataclass(eq=False)
+class _Proc:
+    wid: int
+    process: BaseProcess
+    conn: Connection
+    outstanding: deque[tuple[int, Batch]] = field(default_factory=deque)
+    fn_keys: set[int] = field(default_factory=set)
+    killed_for: tuple[int, int] | None = None  # (batch id, pos) of the item that timed out
+    leaving: bool = False
+
+
+class ProcessGear(Gear):
+    name = "process"
+    chunk_target = 0.02
+    pickles = True
+
+    def __init__(self, workers: int | None = None, *, start_method: str | None = None) -> None:
+        super().__init__(workers)
+        self.start_method = start_method
+        self._ctx: BaseContext | None = None
+        self._procs: dict[int, _Proc] = {}
+        self._pending: deque[tuple[int, Batch]] = deque()
+        self._ready: list[Outcome] = []
+        self._fns: dict[int, tuple[int, Callable[..., Any], bytes]] = {}
+        self._next_bid = 0
+        self._spec = RunSpec()
+        self._init_bytes: bytes | None = None
+        self._init_error: InitializerError | None = None
+        self._wake_r: Connection | None = None
+        self._wake_w: Connection | None = None
+        self._tags: Any = None
+        self._starts: Any = None
+        self._started = False
+
+    @classmethod
+    def default_workers(cls) -> int:
+        return cpu_count()
+
+    # -- checks ---------------------------------------------------------------------------
+    def check(self, fn: Callable[..., Any]) -> None:
+        self._fn_entry(fn)
+
+    def _fn_entry(self, fn: Callable[..., Any]) -> tuple[int, Callable[..., Any], bytes]:
+        entry = self._fns.get(id(fn))
+        if entry is None or entry[1] is not fn:
+            try:
+                payload = cloudpickle.dumps(fn)
+            except Exception as exc:
+                raise UnpicklableError(
+                    f"cannot send function {short_repr(fn)} to worker processes: {exc}. "
+                    "Everything it uses (globals, closure variables, bound objects) must be picklable; "
+                    "use gear='thread' to run it without pickling."
+                ) from exc
+            entry = (len(self._fns), fn, payload)
+            self._fns[id(fn)] = entry
+        return entry
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def open(self, spec: RunSpec) -> None:
+        self._spec = spec
+        self._init_error = None
+        method = self.start_method or default_start_method()
+        self._ctx = mp.get_context(method)
+        if method == "forkserver":
+            self._ctx.set_forkserver_preload(["gearshift._gears._worker"])
+        self._init_bytes = None
+        if spec.initializer is not None:
+            try:
+                self._init_bytes = cloudpickle.dumps((spec.initializer, spec.initargs))
+            except Exception as exc:
+                raise UnpicklableError(
+                    f"cannot send initializer {short_repr(spec.initializer)} to worker processes: {exc}"
+                ) from exc
+        self._tags = self._ctx.RawArray("q", [-1] * self.workers)
+        self._starts = self._ctx.RawArray("d", self.workers)
+        self._wake_r, self._wake_w = self._ctx.Pipe(duplex=False)
+        self._started = False
+        _open_gears.add(self)
+
+    def _start_all(self) -> None:
+        """Start every worker at once, on the first submit: forks are cheap, waiting is not."""
+        self._started = True
+        for wid in range(self.workers):
+            self._start(wid)
+
+    def _start(self, wid: int) -> None:
+        assert self._ctx is not None
+        parent_end, child_end = self._ctx.Pipe(duplex=True)
+        process = self._ctx.Process(  # type: ignore[attr-defined]
+            target=_worker.main,
+            args=(
+                child_end,
+                self._tags,
+                self._starts,
+                wid,
+                os.getpid(),
+                self._init_bytes,
+                self._spec.max_tasks_per_worker,
+            ),
+            name=f"gearshift-process-{wid}",
+        )
+        self._tags[wid] = -1
+        process.start()
+        child_end.close()
+        self._procs[wid] = _Proc(wid, process, parent_end)
+
+    def submit(self, batch: Batch) -> None:
+        if self._init_error is not None:
+            raise self._init_error
+        self._pending.append((self._next_bid, batch))
+        self._next_bid += 1
+        if not self._started:
+            self._start_all()
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        for proc in self._procs.values():
+            while self._pending and len(proc.outstanding) < PREFETCH and not proc.leaving:
+                bid, batch = self._pending.popleft()
+                self._send(proc, bid, batch)
+
+    def _send(self, proc: _Proc, bid: int, batch: Batch) -> None:
+        key, _, fn_bytes = self._fn_entry(batch.fn)
+        items = [task.item for task in batch.tasks]
+        try:
+            payload = _worker.dumps((bid, key, None if key in proc.fn_keys else fn_bytes, items))
+        except Exception:
+            batch = self._drop_unpicklable(batch)
+            if not batch.tasks:
+                return
+            items = [task.item for task in batch.tasks]
+            payload = _worker.dumps((bid, key, None if key in proc.fn_keys else fn_bytes, items))
+        try:
+            proc.conn.send_bytes(payload)
+        except OSError:
+            # The worker is dead or dying; its sentinel will fire and this batch is re-run.
+            pass
+        proc.fn_keys.add(key)
+        proc.outstanding.append((bid, batch))
+
+    def _drop_unpicklable(self, batch: Batch) -> Batch:
+        """Fail the items that cannot be pickled, each named; keep the others."""
+        keep: list[Task] = []
+        for task in batch.tasks:
+            try:
+                _worker.dumps(task.item)
+            except Exception as exc:
+                error = UnpicklableError(
+                    f"cannot send item #{task.index} {short_repr(task.item)} to a worker process: {exc}; "
+                    "use gear='thread' to run it without pickling"
+                )
+                error.__cause__ = exc
+                self._ready.append(Outcome(task, False, error))
+            else:
+                keep.append(task)
+        return Batch(batch.fn, keep)
+
+    # -- results, deaths and deadlines ------------------------------------------------------
+    def collect(self, timeout: float | None) -> list[Outcome]:
+        if self._init_error is not None:
+            raise self._init_error
+        if self._ready:
+            timeout = 0
+        nearest = self._check_deadlines()
+        if nearest is not None:
+            timeout = nearest if timeout is None else min(timeout, nearest)
+        assert self._wake_r is not None
+        watch: list[Any] = [self._wake_r]
+        for proc in self._procs.values():
+            watch.append(proc.conn)
+            watch.append(proc.process.sentinel)
+        ready = set(wait(watch, timeout))
+        if self._wake_r in ready:
+            while self._wake_r.poll():
+                self._wake_r.recv_bytes()
+        for proc in list(self._procs.values()):
+            if proc.conn in ready:
+                self._drain(proc)
+            if proc.process.sentinel in ready:
+                self._buried(proc)
+        if self._init_error is not None:
+            raise self._init_error
+        self._dispatch()
+        outcomes, self._ready = self._ready, []
+        return outcomes
+
+    def _drain(self, proc: _Proc) -> None:
+        try:
+            while proc.conn.poll():
+                self._handle(proc, _worker.loads(proc.conn.recv_bytes()))
+        except (EOFError, OSError):
+            pass
+
+    def _handle(self, proc: _Proc, msg: tuple[Any, ...]) -> None:
+        kind = msg[0]
+        if kind == "done":
+            _, bid, results = msg
+            head_bid, batch = proc.outstanding.popleft()
+            assert head_bid == bid, (head_bid, bid)
+            for task, (ok, value, tb, elapsed) in zip(batch.tasks, results, strict=True):
+                if not ok and tb and isinstance(value, BaseException):
+                    value.__cause__ = RemoteTraceback(tb)
+                self._ready.append(Outcome(task, ok, value, elapsed, tb))
+        elif kind == "bye":
+            proc.leaving = True
+        elif kind == "init_error":
+            _, exc, tb = msg
+            error = InitializerError(f"initializer {short_repr(self._spec.initializer)} raised {exc!r}")
+            exc.__cause__ = RemoteTraceback(tb)
+            error.__cause__ = exc
+            self._init_error = error
+
+    def _buried(self, proc: _Proc) -> None:
+        """A worker exited: blame the item it held (if it crashed), re-run the rest, replace it."""
+        self._drain(proc)
+        proc.process.join(0.5)
+        exitcode = proc.process.exitcode
+        proc.conn.close()
+        del self._procs[proc.wid]
+        requeue: list[tuple[int, Batch]] = []
+        if proc.outstanding:
+            bid, batch = proc.outstanding.popleft()
+            if not proc.leaving:
+                if proc.killed_for is not None and proc.killed_for[0] == bid:
+                    pos = proc.killed_for[1]
+                else:
+                    tag = self._tags[proc.wid]
+                    pos = tag & _POS_MASK if tag >= 0 and tag >> _worker.POS_BITS == bid else 0
+                task = batch.tasks[pos]
+                error: Exception
+                if proc.killed_for is not None:
+                    error = TaskTimeout(self._spec.timeout or 0.0, task.item, task.index)
+                else:
+                    error = WorkerCrashed(exitcode, task.item, task.index)
+                self._ready.append(Outcome(task, False, error))
+                rest = batch.tasks[:pos] + batch.tasks[pos + 1 :]
+            else:
+                rest = batch.tasks
+            if rest:
+                requeue.append((bid, Batch(batch.fn, rest)))
+        requeue.extend(proc.outstanding)
+        self._pending.extendleft(reversed(requeue))
+        if self._init_error is None and self._ctx is not None:
+            self._start(proc.wid)
+
+    def _check_deadlines(self) -> float | None:
+        """Kill workers whose current item is overdue; return seconds to the next deadline."""
+        limit = self._spec.timeout
+        if limit is None:
+            return None
+        now = time.monotonic()
+        nearest: float | None = None
+        for proc in self._procs.values():
+            if not proc.outstanding or proc.killed_for is not None:
+                continue
+            tag = self._tags[proc.wid]
+            if tag < 0:
+                continue
+            left = self._starts[proc.wid] + limit - now
+            if left <= 0:
+                proc.killed_for = (tag >> _worker.POS_BITS, tag & _POS_MASK)
+                proc.process.kill()
+            else:
+                nearest = left if nearest is None else min(nearest, left)
+        return nearest
+
+    def wake(self) -> None:
+        if self._wake_w is not None:
+            try:
+                self._wake_w.send_bytes(b"")
+            except OSError:
+                pass
+
+    def close(self, cancel: bool = False) -> None:
+        _open_gears.discard(self)
+        procs, self._procs = list(self._procs.values()), {}
+        for proc in procs:
+            if cancel:
+                proc.process.terminate()
+            else:
+                try:
+                    proc.conn.send_bytes(_worker.dumps(None))
+                except OSError:
+                    pass
+        deadline = time.monotonic() + (TERMINATE_GRACE if cancel else 5.0)
+        for proc in procs:
+            # Join in slices so the main thread keeps receiving signals.
+            while proc.process.is_alive() and time.monotonic() < deadline:
+                proc.process.join(0.05)
+            if proc.process.is_alive():
+                proc.process.kill()
+                proc.process.join()
+            proc.conn.close()
+            proc.process.close()
+        for end in (self._wake_r, self._wake_w):
+            if end is not None:
+                end.close()
+        self._wake_r = self._wake_w = None
+        self._pending.clear()
+        self._ready = []
+        self._started = False
+        self._ctx = None
+
+    def describe(self) -> str:
+        method = self.start_method or default_start_method()
+        return f"{super().describe()} ({method})"

@@ -1,0 +1,214 @@
+"""The thread gear: a pool of threads, started lazily, joined on close.
+
+For blocking I/O, and for CPU work that releases the GIL (hashlib, zlib, NumPy,
+Cython ``nogil``) or runs on a free-threaded build. Threads cannot be killed: a
+timed-out item is reported at once, its cancel token is set, the rest of its batch
+is handed to other threads, and its thread counts as busy until the function returns.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+
+from gearshift._cancel import CancelToken
+from gearshift._gears._base import Gear, cpu_count
+from gearshift._task import Batch, Outcome, RunSpec, close_runner, run_task
+from gearshift.errors import InitializerError, TaskTimeout
+
+#: How long ``close(cancel=True)`` waits for threads to notice their token.
+CANCEL_GRACE = 1.5
+
+
+@dataclass(slots=True)
+class _Running:
+    """The task a thread is in, with what a timeout needs to take the rest of its batch."""
+
+    batch: Batch
+    pos: int
+    deadline: float
+    token: CancelToken
+    timed_out: bool = False
+
+
+class ThreadGear(Gear):
+    name = "thread"
+    chunk_target = 0.002
+
+    def __init__(self, workers: int | None = None) -> None:
+        super().__init__(workers)
+        self._work: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[list[Outcome] | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._idle = threading.Semaphore(0)
+        self._running: dict[int, _Running] = {}
+        self._stuck = 0
+        self._spec = RunSpec()
+        self._token = CancelToken()
+        self._init_error: BaseException | None = None
+
+    @classmethod
+    def default_workers(cls) -> int:
+        # Threads mostly wait (I/O) or run GIL-free code: more than cores pays.
+        return min(32, 4 * cpu_count() + 4)
+
+    def open(self, spec: RunSpec) -> None:
+        self._spec = spec
+        self._token = CancelToken()
+        self._init_error = None
+
+    def submit(self, batch: Batch) -> None:
+        if self._init_error is not None:
+            raise InitializerError(f"a worker thread's initializer raised {self._init_error!r}") from self._init_error
+        self._work.put(batch)
+        if not self._idle.acquire(blocking=False):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        """Start a thread unless ``workers`` threads are already usable (stuck ones don't count)."""
+        with self._lock:
+            if len(self._threads) - self._stuck < self.workers:
+                thread = threading.Thread(
+                    target=self._worker, name=f"gearshift-thread-{len(self._threads)}", daemon=True
+                )
+                self._threads.append(thread)
+                thread.start()
+
+    def _worker(self) -> None:
+        spec = self._spec
+        if spec.initializer is not None:
+            try:
+                spec.initializer(*spec.initargs)
+            except BaseException as exc:
+                self._init_error = exc
+                self._done.put(None)
+                return
+        timed = spec.timeout is not None
+        ident = threading.get_ident()
+        try:
+            while True:
+                batch = self._work.get()
+                if batch is None:
+                    return
+                if self._token.cancelled:
+                    continue
+                if timed:
+                    self._run_timed(batch, ident)
+                else:
+                    self._done.put([run_task(batch.fn, task, self._token) for task in batch.tasks])
+                self._idle.release()
+        finally:
+            close_runner()
+
+    def _run_timed(self, batch: Batch, ident: int) -> None:
+        assert self._spec.timeout is not None
+        for pos, task in enumerate(batch.tasks):
+            token = CancelToken(self._token)
+            running = _Running(batch, pos, time.monotonic() + self._spec.timeout, token)
+            with self._lock:
+                self._running[ident] = running
+            outcome = run_task(batch.fn, task, token)
+            with self._lock:
+                del self._running[ident]
+                if running.timed_out:  # already reported; the rest of the batch was re-queued
+                    self._stuck -= 1
+                    return
+            self._done.put([outcome])
+
+    def _expire(self) -> tuple[list[Outcome], float | None]:
+        """Report overdue tasks; return outcomes and the time to the next deadline."""
+        now = time.monotonic()
+        outcomes: list[Outcome] = []
+        nearest: float | None = None
+        with self._lock:
+            for running in self._running.values():
+                if running.timed_out:
+                    continue
+                if running.deadline <= now:
+                    running.timed_out = True
+                    running.token.cancel()
+                    task = running.batch.tasks[running.pos]
+                    limit = self._spec.timeout or 0.0
+                    outcomes.append(Outcome(task, False, TaskTimeout(limit, task.item, task.index), limit))
+                    self._stuck += 1
+                    rest = running.batch.tasks[running.pos + 1 :]
+                    if rest:
+                        self._work.put(Batch(running.batch.fn, rest))
+                else:
+                    left = running.deadline - now
+                    nearest = left if nearest is None else min(nearest, left)
+        if outcomes:
+            self._spawn()  # keep `workers` threads usable while the stuck ones finish
+        return outcomes, nearest
+
+    def collect(self, timeout: float | None) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        if self._spec.timeout is not None:
+            expired, nearest = self._expire()
+            outcomes.extend(expired)
+            if nearest is not None:
+                timeout = nearest if timeout is None else min(timeout, nearest)
+        if not outcomes:
+            try:
+                first = self._done.get(timeout=timeout)
+            except queue.Empty:
+                return outcomes
+            self._take(first, outcomes)
+        while True:
+            try:
+                self._take(self._done.get_nowait(), outcomes)
+            except queue.Empty:
+                return outcomes
+
+    def _take(self, got: list[Outcome] | None, into: list[Outcome]) -> None:
+        if got is None:
+            if self._init_error is not None:
+                raise InitializerError(
+                    f"initializer {self._spec.initializer!r} raised {self._init_error!r}"
+                ) from self._init_error
+            return
+        into.extend(got)
+
+    def wake(self) -> None:
+        self._done.put(None)
+
+    def close(self, cancel: bool = False) -> None:
+        if cancel:
+            self._token.cancel()
+            while True:  # drop what no thread has started
+                try:
+                    self._work.get_nowait()
+                except queue.Empty:
+                    break
+        with self._lock:
+            threads, self._threads = self._threads, []
+            abandoned = {ident for ident, running in self._running.items() if running.timed_out}
+        for _ in threads:
+            self._work.put(None)
+        deadline = time.monotonic() + CANCEL_GRACE
+        stuck = []
+        for thread in threads:
+            if not cancel and thread.ident not in abandoned:
+                # Join in slices so the main thread keeps receiving signals (Ctrl-C).
+                while thread.is_alive():
+                    thread.join(0.1)
+            else:
+                thread.join(max(0.0, deadline - time.monotonic()))
+                if thread.is_alive():
+                    stuck.append(thread.name)
+        if stuck:
+            warnings.warn(
+                f"gearshift: {len(stuck)} thread(s) did not stop within {CANCEL_GRACE}s of cancellation "
+                f"({', '.join(stuck)}); their functions ignore gs.cancelled() and will finish on their own",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self._running.clear()
+        self._stuck = 0
+        self._idle = threading.Semaphore(0)
+        self._work = queue.SimpleQueue()
+        self._done = queue.SimpleQueue()
