@@ -166,20 +166,31 @@ class Scheduler:
             self._outstanding += len(tasks)
             self._admitted += len(tasks)
             batches.append(Batch(self.fn, tasks))
-        self.report.chunksize = self.chunk_size()
+            self.report.chunksize = max(self.report.chunksize, len(tasks))
         return batches
 
     # -- outcomes -------------------------------------------------------------------------
     def complete(self, outcomes: list[Outcome], now: float) -> None:
         """Take outcomes back; under ``errors="raise"`` re-raise the first final failure."""
         timed = 0.0
+        released = 0
+        ready = self.ready
+        report = self.report
+        self._outstanding -= len(outcomes)
         for outcome in outcomes:
-            self._outstanding -= 1
             timed += outcome.elapsed
             task = outcome.task
             if outcome.ok:
-                self.report.succeeded += 1
-                self._release(task.index, outcome.value)
+                report.succeeded += 1
+                released += 1
+                index = task.index
+                if not self.ordered or (index == self._next_release and not self._buffer):
+                    # The common case, inlined: tiny tasks spend their whole cost here.
+                    ready.append((index, outcome.value))
+                    self._admitted -= 1
+                    self._next_release += 1
+                else:
+                    self._release(index, outcome.value)
                 continue
             exc = outcome.value
             if self.retry is not None and self.retry.should_retry(exc, task.attempt):
@@ -188,18 +199,21 @@ class Scheduler:
                 again = Task(task.index, task.item, task.attempt + 1)
                 heapq.heappush(self._retry_heap, (retry_at, next(self._retry_seq), again))
                 continue
-            self.report.failed += 1
-            self.report.failures_by_type[type(exc).__name__] += 1
+            report.failed += 1
+            report.failures_by_type[type(exc).__name__] += 1
+            released += 1
             if self.errors == "raise":
-                self._progress.update(1)
+                self._progress.update(released)
                 self._annotate(exc, task)
                 raise exc
             if self.errors == "collect":
                 tb = outcome.tb or format_tb(exc)
                 self._release(task.index, Failure(task.item, exc, tb, task.index, task.attempt))
             else:
-                self.report.skipped += 1
+                report.skipped += 1
                 self._release(task.index, _SKIP)
+        if released:
+            self._progress.update(released)
         if outcomes:
             measured = timed / len(outcomes)
             self._per_item = measured if self._per_item is None else 0.7 * self._per_item + 0.3 * measured
@@ -212,7 +226,6 @@ class Scheduler:
         )
 
     def _release(self, index: int, value: Any) -> None:
-        self._progress.update(1)
         if not self.ordered:
             self._emit(index, value)
             return

@@ -17,7 +17,7 @@ from typing import Any
 
 from gearshift._cancel import CancelToken
 from gearshift._gears._base import Gear
-from gearshift._task import Batch, Outcome, RunSpec, close_runner, run_task
+from gearshift._task import Batch, Outcome, RunSpec, close_runner, run_batch, run_task
 from gearshift.errors import InitializerError, TaskTimeout
 
 
@@ -27,6 +27,7 @@ class _Alarm(BaseException):
 
 class SerialGear(Gear):
     name = "serial"
+    chunk_target = 0.005  # batches only save engine round trips here; keep them short
 
     def __init__(self, workers: int | None = None) -> None:
         super().__init__(1 if workers is None else workers)
@@ -61,6 +62,8 @@ class SerialGear(Gear):
                 time.sleep(min(timeout, 0.05))
             return []
         batch = self._queue.popleft()
+        if self._spec.timeout is None:
+            return run_batch(batch.fn, batch.tasks, self._token)
         return [self._run(batch, task) for task in batch.tasks]
 
     def _run(self, batch: Batch, task: Any) -> Outcome:

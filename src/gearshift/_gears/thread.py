@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from gearshift._cancel import CancelToken
 from gearshift._gears._base import Gear, cpu_count
-from gearshift._task import Batch, Outcome, RunSpec, close_runner, run_task
+from gearshift._task import Batch, Outcome, RunSpec, close_runner, run_batch, run_task
 from gearshift.errors import InitializerError, TaskTimeout
 
 #: How long ``close(cancel=True)`` waits for threads to notice their token.
@@ -99,7 +99,7 @@ class ThreadGear(Gear):
                 if timed:
                     self._run_timed(batch, ident)
                 else:
-                    self._done.put([run_task(batch.fn, task, self._token) for task in batch.tasks])
+                    self._done.put(run_batch(batch.fn, batch.tasks, self._token))
                 self._idle.release()
         finally:
             close_runner()
