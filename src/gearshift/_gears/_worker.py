@@ -2,7 +2,8 @@
 
 Protocol over the worker's own pipe, each message pickled:
   parent -> worker  (batch_id, fn_key, fn_bytes | None, items)   or None to stop
-  worker -> parent  ("done", batch_id, [(ok, value, tb, elapsed), ...])
+  worker -> parent  ("ready",)                 started (initializer done)
+                    ("done", batch_id, [(ok, value, tb, elapsed), ...])
                     ("bye", tasks_done)        leaving after max_tasks_per_worker
                     ("init_error", exc, tb)    the initializer raised
 Before each item the worker writes its start time, then ``batch_id << 20 | pos``, into
@@ -84,6 +85,7 @@ def main(conn: Any, tags: Any, starts: Any, wid: int, parent: int, init: bytes |
         except BaseException as exc:
             conn.send_bytes(_pack_init_error(exc))
             return
+    conn.send_bytes(dumps(("ready",)))
     fns: dict[int, Callable[[Any], Any]] = {}
     done = 0
     perf = time.perf_counter

@@ -40,6 +40,7 @@ from gearshift.errors import (
     TaskTimeout,
     UnpicklableError,
     WorkerCrashed,
+    describe_exit,
     short_repr,
 )
 
@@ -47,6 +48,8 @@ from gearshift.errors import (
 TERMINATE_GRACE = 1.0
 #: Batches sent ahead to each worker, so it never waits for the parent between batches.
 PREFETCH = 2
+#: Start-up deaths per worker slot, with no worker ready in between, before the pool gives up.
+DEATHS_BEFORE_GIVING_UP = 3
 _POS_MASK = (1 << _worker.POS_BITS) - 1
 
 _open_gears: weakref.WeakSet[ProcessGear] = weakref.WeakSet()
@@ -82,6 +85,7 @@ class _Proc:
     fn_keys: set[int] = field(default_factory=set)
     killed_for: tuple[int, int] | None = None  # (batch id, pos) of the item that timed out
     leaving: bool = False
+    ready: bool = False  # started up (initializer done); a death before that blames no item
 
 
 class ProcessGear(Gear):
@@ -106,6 +110,8 @@ class ProcessGear(Gear):
         self._tags: Any = None
         self._starts: Any = None
         self._started = False
+        self._unblamed: dict[int, int] = {}
+        self._deaths_in_row = 0
 
     @classmethod
     def default_workers(cls) -> int:
@@ -150,6 +156,8 @@ class ProcessGear(Gear):
         self._starts = self._ctx.RawArray("d", self.workers)
         self._wake_r, self._wake_w = self._ctx.Pipe(duplex=False)
         self._started = False
+        self._unblamed = {}
+        self._deaths_in_row = 0
         _open_gears.add(self)
 
     def _start_all(self) -> None:
@@ -268,7 +276,10 @@ class ProcessGear(Gear):
 
     def _handle(self, proc: _Proc, msg: tuple[Any, ...]) -> None:
         kind = msg[0]
-        if kind == "done":
+        if kind == "ready":
+            proc.ready = True
+            self._deaths_in_row = 0
+        elif kind == "done":
             _, bid, results = msg
             head_bid, batch = proc.outstanding.popleft()
             assert head_bid == bid, (head_bid, bid)
@@ -293,14 +304,30 @@ class ProcessGear(Gear):
         proc.conn.close()
         del self._procs[proc.wid]
         requeue: list[tuple[int, Batch]] = []
-        if proc.outstanding:
+        if not proc.ready:
+            # It died starting up (in the initializer, say): no item is to blame.
+            self._deaths_in_row += 1
+            if self._deaths_in_row >= DEATHS_BEFORE_GIVING_UP * self.workers and self._init_error is None:
+                what = "its initializer" if self._spec.initializer is not None else "start-up"
+                self._init_error = InitializerError(
+                    f"worker processes keep dying in {what} ({describe_exit(exitcode)}), before running any item"
+                )
+        if proc.outstanding and proc.ready:
             bid, batch = proc.outstanding.popleft()
-            if not proc.leaving:
-                if proc.killed_for is not None and proc.killed_for[0] == bid:
-                    pos = proc.killed_for[1]
+            pos: int | None = None
+            if proc.killed_for is not None and proc.killed_for[0] == bid:
+                pos = proc.killed_for[1]
+            elif not proc.leaving:
+                tag = self._tags[proc.wid]
+                if tag >= 0 and tag >> _worker.POS_BITS == bid:
+                    pos = tag & _POS_MASK
                 else:
-                    tag = self._tags[proc.wid]
-                    pos = tag & _POS_MASK if tag >= 0 and tag >> _worker.POS_BITS == bid else 0
+                    # It died running none of this batch's items (idle, or unpickling them).
+                    # Re-run the batch; if that keeps happening, its first item is the culprit.
+                    self._unblamed[bid] = self._unblamed.get(bid, 0) + 1
+                    if self._unblamed[bid] > 1:
+                        pos = 0
+            if pos is not None:
                 task = batch.tasks[pos]
                 error: Exception
                 if proc.killed_for is not None:
@@ -308,6 +335,7 @@ class ProcessGear(Gear):
                 else:
                     error = WorkerCrashed(exitcode, task.item, task.index)
                 self._ready.append(Outcome(task, False, error))
+                self._unblamed.pop(bid, None)
                 rest = batch.tasks[:pos] + batch.tasks[pos + 1 :]
             else:
                 rest = batch.tasks
