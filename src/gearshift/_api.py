@@ -186,7 +186,8 @@ def map(  # noqa: A001 - the name is the point
         for index, value in drive(scheduler, the_gear, spec):
             done[index] = value
     except BaseException as exc:
-        partial = {**done, **scheduler.buffered()}
+        # Released but not yet yielded (``ready``) counts too: those results exist.
+        partial = {**done, **dict(scheduler.ready), **scheduler.buffered()}
         try:
             exc.partial_results = dict(sorted(partial.items()))  # type: ignore[attr-defined]
         except (AttributeError, TypeError):
