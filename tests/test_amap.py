@@ -15,8 +15,8 @@ from helpers import GEARS, asquare, fail_on, square
 import gearshift as gs
 
 
-async def collect(aiter: Any) -> list[Any]:
-    return [x async for x in aiter]
+async def collect(results: Any) -> list[Any]:
+    return [x async for x in results]
 
 
 @pytest.mark.parametrize("gear", GEARS)
