@@ -1,0 +1,5 @@
+"""``python -m gearshift``: the command line."""
+
+from gearshift.cli import main
+
+main()

@@ -1,0 +1,226 @@
+"""``gearshift run``: a function over a file of inputs into a durable, resumable results file.
+
+The run goes through ``gs.imap`` with ``errors="collect"`` so that every input ends as one
+record, success or failure; the command's own ``--errors`` policy (raise: stop at the
+first failure; skip: leave failures unrecorded, so a resumed run tries them again) is
+applied here, where the record is written.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import click
+
+import gearshift as gs
+from gearshift._cli.inputs import Format, Item, read_items
+from gearshift._cli.outputs import RecordWriter, recover
+from gearshift._cli.target import MalformedInput, make_call
+from gearshift._gears import GEARS
+from gearshift._retry import Retry
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+ErrorsArg = Literal["raise", "collect", "skip"]
+
+
+def default_gear() -> str:
+    """``auto`` when this build has it, else ``thread`` (safe for any function)."""
+    return "auto" if "auto" in GEARS else "thread"
+
+
+def pick_gear(requested: str | None) -> tuple[str, str | None]:
+    """The gear to run and, when it differs from what was asked, a note saying why."""
+    if requested is None:
+        return default_gear(), None
+    if requested == "auto" and "auto" not in GEARS:
+        return "thread", "the auto gear is not available in this build; running in the thread gear"
+    return requested, None
+
+
+class _NoRetryOnMalformed(Retry):
+    """Retries, except for inputs that could not be parsed: trying again cannot help."""
+
+    def should_retry(self, exc: BaseException, attempt: int) -> bool:
+        return not isinstance(exc, MalformedInput) and Retry.should_retry(self, exc, attempt)
+
+
+@dataclass
+class RunOptions:
+    target: str
+    input: str
+    output: str
+    fmt: Format
+    kwargs: bool
+    gear: str | None
+    workers: int | None = None
+    timeout: float | None = None
+    retries: int = 0
+    rate: str | None = None
+    ordered: bool = False
+    errors: ErrorsArg = "collect"
+    progress: bool = True
+    resume: bool = False
+    echo_input: bool = True
+
+
+@dataclass
+class Tally:
+    written: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    skipped: int = 0
+    failures_by_type: Counter[str] = field(default_factory=Counter)
+
+
+def _say(message: str, **style: Any) -> None:
+    click.echo(click.style(message, **style) if style else message, err=True)
+
+
+def resume_command(output: str) -> str:
+    """The exact command that continues this run."""
+    argv0 = os.path.basename(sys.argv[0])
+    prog = ["gearshift"] if argv0 == "gearshift" else [sys.executable, "-m", "gearshift"]
+    args = [a for a in sys.argv[1:] if a != "--overwrite"]
+    if "--resume" not in args:
+        args.append("--resume")
+    return shlex.join(prog + args)
+
+
+def record_of(value: Any, in_flight: dict[int, Item], echo_input: bool) -> tuple[dict[str, Any], bool]:
+    """The JSON record for one outcome from the wrapper (or its ``gs.Failure``), and ok."""
+    failure = isinstance(value, gs.Failure)
+    index = value.item.index if failure else value[0]
+    item = in_flight.pop(index)
+    record: dict[str, Any] = {"index": item.index, "line": item.line}
+    if echo_input:
+        record["input"] = item.value
+    if failure:
+        exc = value.exception
+        tb = "" if isinstance(exc, MalformedInput) else value.traceback  # the message says it all
+        record["error"] = {"type": type(exc).__name__, "message": str(exc), "traceback": tb}
+        elapsed = getattr(exc, "gearshift_elapsed", None)
+        record["elapsed"] = None if elapsed is None else round(elapsed, 6)
+        if value.attempts > 1:
+            record["attempts"] = value.attempts
+        return record, False
+    _, record["result"], elapsed = value
+    record["elapsed"] = round(elapsed, 6)
+    return record, True
+
+
+def run(opts: RunOptions) -> int:
+    """Run ``opts`` and return the exit code; the summary goes to stderr."""
+    call = make_call(opts.target, opts.kwargs)
+    gear, note = pick_gear(opts.gear)
+    if note:
+        _say(f"gearshift run: {note}", fg="yellow")
+    done: set[int] = set()
+    if opts.resume:
+        found = recover(opts.output)
+        done = found.done
+        if found.torn_bytes:
+            _say(f"gearshift run: cut a torn last line ({found.torn_bytes} bytes) off {opts.output}", fg="yellow")
+        for number in found.bad_lines:
+            _say(f"gearshift run: {opts.output}:{number}: not a record, ignored", fg="yellow")
+        if found.duplicates:
+            _say(f"gearshift run: {opts.output} holds {found.duplicates} duplicate records", fg="yellow")
+        _say(f"gearshift run: resuming, {len(done)} inputs already have a record in {opts.output}")
+
+    def on_malformed(message: str) -> None:
+        _say(f"gearshift run: {message}", fg="red")
+
+    in_flight: dict[int, Item] = {}  # the line and input of each running item (a bounded window)
+
+    def pending() -> Iterator[Item]:
+        for item in read_items(opts.input, opts.fmt, kwargs=opts.kwargs, on_malformed=on_malformed):
+            if item.index not in done:
+                in_flight[item.index] = item
+                yield item
+
+    retries = _NoRetryOnMalformed(attempts=opts.retries + 1) if opts.retries else 0
+    tally = Tally()
+    writer = RecordWriter(opts.output)
+    started = time.perf_counter()
+    results = gs.imap(
+        call, pending(), gear=gear, workers=opts.workers, ordered=opts.ordered, errors="collect",
+        progress=opts.progress, timeout=opts.timeout, retries=retries, rate=opts.rate,
+    )
+    code = EXIT_OK
+    stopped: BaseException | None = None
+    try:
+        for value in results:
+            record, ok = record_of(value, in_flight, opts.echo_input)
+            if ok:
+                tally.succeeded += 1
+            else:
+                tally.failed += 1
+                tally.failures_by_type[record["error"]["type"]] += 1
+                if opts.errors == "skip":
+                    tally.skipped += 1
+                    continue
+            writer.write(record)
+            tally.written += 1
+            if not ok and opts.errors == "raise":
+                _say(f"gearshift run: stopped at the first failure (--errors raise), input #{record['index']} "
+                     f"(line {record['line']}):", fg="red", bold=True)
+                error = record["error"]
+                _say(error["traceback"].rstrip() or f"{error['type']}: {error['message']}")
+                code = EXIT_FAILED
+                break
+    except (KeyboardInterrupt, SystemExit) as exc:
+        stopped = exc
+    except MalformedInput:  # pragma: no cover - the engine collects these
+        raise
+    except Exception as exc:
+        results.close()
+        writer.close()
+        _say(f"gearshift run: error: {type(exc).__name__}: {exc}", fg="red", bold=True)
+        _summary(opts, tally, results.report, gear, time.perf_counter() - started, len(done))
+        return EXIT_FAILED
+    finally:
+        results.close()
+        writer.close()
+    _summary(opts, tally, results.report, gear, time.perf_counter() - started, len(done))
+    if (stopped is not None or code != EXIT_OK) and opts.output != "-":
+        _say(f"to finish the run: {resume_command(opts.output)}", bold=True)
+    if isinstance(stopped, KeyboardInterrupt):
+        _say("gearshift run: interrupted", fg="yellow", bold=True)
+        return EXIT_INTERRUPTED
+    if isinstance(stopped, SystemExit):
+        _say("gearshift run: terminated", fg="yellow", bold=True)
+        return stopped.code if isinstance(stopped.code, int) else EXIT_FAILED
+    return code
+
+
+def _summary(opts: RunOptions, tally: Tally, report: gs.Report, gear: str, wall: float, already: int) -> None:
+    done = tally.succeeded + tally.failed
+    rate = done / wall if wall > 0 else 0.0
+    failed = f"{tally.failed} failed"
+    if tally.failures_by_type:
+        failed += " (" + ", ".join(f"{k} x{v}" for k, v in tally.failures_by_type.most_common()) + ")"
+    _say(
+        f"gearshift run: {done} inputs in {wall:.2f}s ({rate:,.0f}/s): "
+        + click.style(f"{tally.succeeded} succeeded", fg="green")
+        + ", "
+        + click.style(failed, fg="red" if tally.failed else None)
+    )
+    if tally.skipped:
+        _say(f"  {tally.skipped} failures not recorded (--errors skip): a --resume run tries them again")
+    if already:
+        _say(f"  {already} inputs were already done (--resume)")
+    _say(f"  gear: {report.gear or gear}" + (f", chunks of {report.chunksize}" if report.chunksize > 1 else ""))
+    for reason in report.reasons:
+        _say(f"  why: {reason}")
+    if opts.output != "-":
+        _say(f"  results: {opts.output} ({tally.written} records written)")
