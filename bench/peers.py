@@ -86,6 +86,7 @@ def _raw_asyncio(fn: Callable[[Any], Any], items: list[Any], limit: int, uvloop:
 
 
 def have(module: str) -> bool:
+    """Whether an optional peer is installed (``pip install -e ".[bench]"`` brings them all)."""
     try:
         __import__(module)
     except ImportError:
@@ -114,8 +115,9 @@ def contenders(w: Workload, procs: int, free_threaded: bool) -> list[Contender]:
                 return list(ex.map(fn, items))
 
         out.append(Contender("tpe", f"ThreadPoolExecutor({threads})", PEER, tpe))
-        out.append(Contender("joblib-threads", f"joblib threading({threads})", PEER,
-                             lambda items: _joblib(fn, items, threads, "threading")))
+        if have("joblib"):
+            out.append(Contender("joblib-threads", f"joblib threading({threads})", PEER,
+                                 lambda items: _joblib(fn, items, threads, "threading")))
         if have("mpire"):
             out.append(Contender("mpire-threads", f"mpire threading({threads})", PEER,
                                  lambda items: _mpire(fn, items, threads, "threading"),
@@ -141,10 +143,12 @@ def contenders(w: Workload, procs: int, free_threaded: bool) -> list[Contender]:
 
         out.append(Contender("ppe", f"ProcessPoolExecutor({procs})", PEER, ppe))
         out.append(Contender("mp-pool", f"multiprocessing.Pool({procs})", PEER, mp_pool))
-        out.append(Contender("loky", f"joblib loky({procs})", PEER, loky_cold, setup=lambda _: loky_shutdown()))
-        out.append(Contender("loky-warm", f"joblib loky({procs}) warm", INFO,
-                             lambda items: _joblib(fn, items, procs, None),
-                             setup=loky_warm_up, teardown=loky_shutdown))
+        if have("joblib"):
+            out.append(Contender("loky", f"joblib loky({procs})", PEER, loky_cold,
+                                 setup=lambda _: loky_shutdown()))
+            out.append(Contender("loky-warm", f"joblib loky({procs}) warm", INFO,
+                                 lambda items: _joblib(fn, items, procs, None),
+                                 setup=loky_warm_up, teardown=loky_shutdown))
         if have("mpire"):
             out.append(Contender("mpire", f"mpire({procs})", PEER,
                                  lambda items: _mpire(fn, items, procs, None), prepare=_as_args))
@@ -163,7 +167,8 @@ def contenders(w: Workload, procs: int, free_threaded: bool) -> list[Contender]:
         out.append(Contender(f"gs-{gear}", label, GEARSHIFT, _gs_map(fn, gear, workers)))
     if free_threaded and w.cpu_bound and "thread" not in w.gears:
         out.append(Contender("gs-thread", f"gs thread({threads})", GEARSHIFT, _gs_map(fn, "thread", threads)))
-    out.append(Contender("gs-auto", "gs auto", AUTO, _gs_map(fn, "auto", None)))
+    auto_label = "gs auto" + (f"({w.auto_workers})" if w.auto_workers else "")
+    out.append(Contender("gs-auto", auto_label, AUTO, _gs_map(fn, "auto", w.auto_workers)))
 
     if "process" in families:
         holder: dict[str, Any] = {}

@@ -119,6 +119,9 @@ class Workload:
     serial: bool = True
     """Run the serial loop; when False (long waits) the serial time is ``ideal_serial``."""
     ideal_serial: Callable[[list[Any]], float] | None = None
+    auto_workers: int | None = None
+    """``workers`` given to ``gear="auto"``: only where it is a limit the user sets (the
+    async workload's concurrency), never a tuning knob auto should find itself."""
     cpu_bound: bool = False
     """GIL-holding work: thread pools join in only on a free-threaded build."""
     targets: tuple[Target, ...] = field(default_factory=tuple)
@@ -202,7 +205,7 @@ WORKLOADS: tuple[Workload, ...] = (
     ),
     Workload(
         "async", "async waits, asyncio.sleep(0.01), at concurrency 500", await_sleep, _async_items,
-        frozenset({"async"}), ("async",), threads=500, serial=False, ideal_serial=_sum_waits,
+        frozenset({"async"}), ("async",), threads=500, serial=False, ideal_serial=_sum_waits, auto_workers=500,
         targets=(Target("peer", "gs-async", 1.2, other="asyncio",
                         source="issue 2: async gear within 1.2x of raw asyncio.gather+Semaphore"),),
     ),
