@@ -30,6 +30,13 @@ def fail_on_sevens(x: int) -> int:
     return x
 
 
+def hang_if_negative(x: int) -> int:
+    """Stands for a runaway task: only a timeout gets it out."""
+    if x < 0:
+        time.sleep(300)
+    return x
+
+
 def add(a: Any, b: Any) -> Any:
     return a + b
 
@@ -44,3 +51,43 @@ async def asquare(x: int) -> int:
 
 
 NOT_CALLABLE = 42
+
+
+# -- helpers for the tests themselves ----------------------------------------------------------
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment for a ``gearshift`` subprocess: this directory importable, no forced bar."""
+    env = {k: v for k, v in os.environ.items() if k != "GEARSHIFT_PROGRESS"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS_DIR, env.get("PYTHONPATH", "")) if p)
+    env.update(extra)
+    return env
+
+
+def read_records(path: str) -> list[dict[str, Any]]:
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def count_lines(path: str) -> int:
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for _ in f)
+    except FileNotFoundError:
+        return 0
+
+
+def wait_for_lines(path: str, n: int, proc: Any, timeout: float = 60.0) -> int:
+    """Block until ``path`` has ``n`` lines (polling the file the run writes), or fail."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        have = count_lines(path)
+        if have >= n:
+            return have
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before writing {n} lines")
+        time.sleep(0.01)
+    raise AssertionError(f"{path} did not reach {n} lines in {timeout}s")
