@@ -208,10 +208,20 @@ class Executor(_StdExecutor):
         retries: list[tuple[float, int, Future[Any], Batch]] = []
         stopping = False
         cancel = False
+        # Loop locals, cleared before idling so a finished call's arguments and result can be
+        # freed (as CPython's executors do: a large argument must not live on until the next call).
+        msg: Any = None
+        future: Any = None
+        wrapper: Any = None
+        call: Any = None
+        batch: Any = None
+        outcome: Any = None
         try:
             while True:
                 # Take new submissions (block only when there is nothing else to wait for).
                 block = not (running or pending or retries or stopping)
+                if block:
+                    msg = future = wrapper = call = batch = outcome = None
                 while True:
                     try:
                         msg = self._inbox.get(timeout=0.25) if block else self._inbox.get_nowait()

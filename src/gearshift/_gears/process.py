@@ -197,10 +197,18 @@ class ProcessGear(Gear):
         self._dispatch()
 
     def _dispatch(self) -> None:
-        for proc in self._procs.values():
-            while self._pending and len(proc.outstanding) < PREFETCH and not proc.leaving:
-                bid, batch = self._pending.popleft()
-                self._send(proc, bid, batch)
+        """Give every idle worker a batch before any busy one gets a prefetched second.
+
+        Filling one worker's prefetch first would queue a batch behind a long task while
+        another worker sits idle.
+        """
+        for depth in range(1, PREFETCH + 1):
+            for proc in self._procs.values():
+                if not self._pending:
+                    return
+                if len(proc.outstanding) < depth and not proc.leaving:
+                    bid, batch = self._pending.popleft()
+                    self._send(proc, bid, batch)
 
     def _send(self, proc: _Proc, bid: int, batch: Batch) -> None:
         key, _, fn_bytes = self._fn_entry(batch.fn)
