@@ -101,6 +101,7 @@ class ThreadGear(Gear):
                 else:
                     self._done.put(run_batch(batch.fn, batch.tasks, self._token))
                 self._idle.release()
+                batch = None  # let the finished batch's items go before waiting for the next
         finally:
             close_runner()
 
