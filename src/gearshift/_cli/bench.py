@@ -155,7 +155,7 @@ def plot(rows: list[Row], path: str, title: str) -> None:
     for gear, group in itertools.groupby(sorted(rows, key=lambda r: (r.gear, r.workers)), key=lambda r: r.gear):
         pts = list(group)
         ax.plot([r.workers for r in pts], [r.speedup for r in pts], marker=next(markers), label=gear)
-    ax.axvline(cpu_count(), color="tab:red", alpha=0.3, linewidth=4, label=f"cores ({cpu_count()})")
+    ax.axvline(cpu_count(), color="tab:gray", alpha=0.25, linewidth=6, label=f"cores ({cpu_count()})")
     ax.set_xlabel("workers")
     ax.set_ylabel("speedup over serial")
     ax.set_title(title, fontsize=10)
