@@ -67,6 +67,7 @@ class AsyncGear(Gear):
         self._spec = RunSpec()
         self._token = CancelToken()
         self._is_async: dict[int, bool] = {}
+        self._escaped: BaseException | None = None
 
     @classmethod
     def default_workers(cls) -> int:
@@ -139,18 +140,18 @@ class AsyncGear(Gear):
             known = self._is_async[id(fn)] = is_async_callable(fn)
         return known
 
-    async def _invoke(self, fn: Callable[[Any], Any], item: Any) -> Any:
+    async def _invoke(self, fn: Callable[[Any], Any], item: Any, token: CancelToken) -> Any:
         if self._async(fn):
             return await fn(item)
         loop = asyncio.get_running_loop()
         ctx = contextvars.copy_context()
-        result = await loop.run_in_executor(self._pool, ctx.run, self._in_thread, fn, item)
+        result = await loop.run_in_executor(self._pool, ctx.run, self._in_thread, fn, item, token)
         if inspect.isawaitable(result):  # a plain function that returned a coroutine
             result = await result
         return result
 
-    def _in_thread(self, fn: Callable[[Any], Any], item: Any) -> Any:
-        with bind_token(self._token):
+    def _in_thread(self, fn: Callable[[Any], Any], item: Any, token: CancelToken) -> Any:
+        with bind_token(token):
             return fn(item)
 
     async def _run(self, fn: Callable[[Any], Any], task: Task) -> None:
@@ -158,16 +159,27 @@ class AsyncGear(Gear):
         async with self._sem:
             start = time.perf_counter()
             scope = asyncio.timeout(self._spec.timeout)  # None: no deadline
+            # A blocking fn runs on in its thread after a timeout: its own token tells it to stop.
+            token = CancelToken(self._token)
             try:
                 async with scope:
-                    value = await self._invoke(fn, task.item)
+                    value = await self._invoke(fn, task.item, token)
             except Exception as exc:
                 elapsed = time.perf_counter() - start
                 if isinstance(exc, TimeoutError) and scope.expired():
+                    token.cancel()
                     limit = self._spec.timeout or 0.0
                     self._deliver(Outcome(task, False, TaskTimeout(limit, task.item, task.index), elapsed))
                 else:
                     self._deliver(Outcome(task, False, exc, elapsed, format_tb(exc)))
+                return
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:
+                # SystemExit/KeyboardInterrupt from a task means "stop": raise it in the caller
+                # (collect) rather than let it kill the loop thread and leave the run waiting.
+                self._escaped = exc
+                self.wake()
                 return
             self._deliver(Outcome(task, True, value, time.perf_counter() - start))
 
@@ -179,12 +191,19 @@ class AsyncGear(Gear):
         else:
             self._done.put([outcome])
 
+    def _raise_escaped(self) -> None:
+        escaped, self._escaped = self._escaped, None
+        if escaped is not None:
+            raise escaped
+
     def collect(self, timeout: float | None) -> list[Outcome]:
         outcomes: list[Outcome] = []
+        self._raise_escaped()
         try:
             got = self._done.get(timeout=timeout)
         except queue.Empty:
             return outcomes
+        self._raise_escaped()
         while True:
             if got is not None:
                 outcomes.extend(got)
@@ -203,6 +222,7 @@ class AsyncGear(Gear):
             except TimeoutError:
                 pass
         self._native_event.clear()
+        self._raise_escaped()
         outcomes, self._native_done = self._native_done, []
         return outcomes
 

@@ -50,6 +50,7 @@ class ThreadGear(Gear):
         self._spec = RunSpec()
         self._token = CancelToken()
         self._init_error: BaseException | None = None
+        self._escaped: BaseException | None = None
 
     @classmethod
     def default_workers(cls) -> int:
@@ -60,6 +61,7 @@ class ThreadGear(Gear):
         self._spec = spec
         self._token = CancelToken()
         self._init_error = None
+        self._escaped = None
 
     def submit(self, batch: Batch) -> None:
         if self._init_error is not None:
@@ -89,23 +91,32 @@ class ThreadGear(Gear):
                 return
         timed = spec.timeout is not None
         ident = threading.get_ident()
+        # This run's queues: after a close, a stranded thread must not feed the next run.
+        work, done, token = self._work, self._done, self._token
         try:
             while True:
-                batch = self._work.get()
+                batch = work.get()
                 if batch is None:
                     return
-                if self._token.cancelled:
+                if token.cancelled:
                     continue
                 if timed:
-                    self._run_timed(batch, ident)
+                    self._run_timed(batch, ident, done)
                 else:
-                    self._done.put(run_batch(batch.fn, batch.tasks, self._token))
+                    done.put(run_batch(batch.fn, batch.tasks, token))
                 self._idle.release()
                 batch = None  # let the finished batch's items go before waiting for the next
+        except BaseException as exc:
+            # SystemExit (or KeyboardInterrupt) raised by a task: it means "stop", so it is
+            # raised in the caller, as if the task had run there, rather than lost with the thread.
+            with self._lock:
+                self._running.pop(ident, None)
+            self._escaped = exc
+            done.put(None)
         finally:
             close_runner()
 
-    def _run_timed(self, batch: Batch, ident: int) -> None:
+    def _run_timed(self, batch: Batch, ident: int, done: queue.SimpleQueue[list[Outcome] | None]) -> None:
         assert self._spec.timeout is not None
         for pos, task in enumerate(batch.tasks):
             token = CancelToken(self._token)
@@ -114,11 +125,13 @@ class ThreadGear(Gear):
                 self._running[ident] = running
             outcome = run_task(batch.fn, task, token)
             with self._lock:
-                del self._running[ident]
+                # Not registered any more when close() gave up on this thread.
+                registered = self._running.pop(ident, None) is running
                 if running.timed_out:  # already reported; the rest of the batch was re-queued
-                    self._stuck -= 1
+                    if registered:
+                        self._stuck -= 1
                     return
-            self._done.put([outcome])
+            done.put([outcome])
 
     def _expire(self) -> tuple[list[Outcome], float | None]:
         """Report overdue tasks; return outcomes and the time to the next deadline."""
@@ -167,6 +180,9 @@ class ThreadGear(Gear):
 
     def _take(self, got: list[Outcome] | None, into: list[Outcome]) -> None:
         if got is None:
+            if self._escaped is not None:
+                escaped, self._escaped = self._escaped, None
+                raise escaped
             if self._init_error is not None:
                 raise InitializerError(
                     f"initializer {self._spec.initializer!r} raised {self._init_error!r}"
