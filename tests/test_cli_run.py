@@ -75,7 +75,7 @@ def test_sigkill_mid_run_then_resume_gives_each_result_exactly_once(tmp_path: Pa
     assert proc.returncode == -signal.SIGKILL
     assert workers, "the process gear should have had worker processes"
     assert not pids_gone(workers), "worker processes outlived their killed run"
-    before = [line for line in out.read_bytes().split(b"\n")[:-1]]
+    before = out.read_bytes().split(b"\n")[:-1]
     assert 300 <= len(before) < 5000
     done = gs(*args, "--resume")
     assert done.returncode == 0, done.stderr
@@ -114,20 +114,25 @@ def test_existing_output_needs_resume_or_overwrite(tmp_path: Path) -> None:
     assert_exactly_once(out, 5)
 
 
-def test_sigint_exits_130_with_a_resume_command_that_finishes_exactly_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("signum", "code", "word"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")]
+)
+def test_signal_exits_130_or_143_with_a_resume_command_that_finishes_exactly_once(
+    tmp_path: Path, signum: int, code: int, word: str
+) -> None:
     inp, out = numbers(tmp_path / "in.jsonl", 5000), tmp_path / "out.jsonl"
     args = ["run", "cli_funcs:square_slowly", "-i", str(inp), "-o", str(out), "--gear", "thread", "-w", "4"]
     proc = subprocess.Popen([*GS, *args], env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_lines(str(out), 200, proc)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode == 130, err
-    assert "interrupted" in err
+    assert proc.returncode == code, err
+    assert word in err
     command = next(line for line in err.splitlines() if line.startswith("to finish the run: "))
     argv = shlex.split(command.removeprefix("to finish the run: "))
     assert argv[-1] == "--resume"
@@ -251,7 +256,7 @@ def test_jsonl_objects_as_kwargs(tmp_path: Path) -> None:
 
 def test_module_in_the_current_directory_runs_in_worker_processes(tmp_path: Path) -> None:
     (tmp_path / "localjob.py").write_text("import os\n\ndef triple(x):\n    return [3 * x, os.getpid()]\n")
-    inp = numbers(tmp_path / "in.jsonl", 40)
+    numbers(tmp_path / "in.jsonl", 40)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = gs("run", "localjob:triple", "-i", "in.jsonl", "--gear", "process", "-w", "2", cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr

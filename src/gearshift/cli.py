@@ -182,8 +182,8 @@ def _load_target(target: str, kwargs: bool) -> Any:
 @input_option
 @format_option
 @kwargs_option
-@click.option("--sample", "-n", type=click.IntRange(min=1), default=50, show_default=True,
-              help="How many inputs (from the start of FILE) to measure.")
+@click.option("--sample", "-n", type=click.IntRange(min=1), default=8, show_default=True,
+              help="How many inputs (from the start of FILE) the advisor may measure.")
 def advise(target: str, input_path: str, fmt: str | None, kwargs: bool | None, sample: int) -> None:
     """Measure MODULE:FUNC on a sample of FILE and print the advisor's report.
 
@@ -191,6 +191,7 @@ def advise(target: str, input_path: str, fmt: str | None, kwargs: bool | None, s
     and its Amdahl bound, the measurements, and why.
     """
     from gearshift._cli.bench import load_sample
+    from gearshift._cli.inputs import count_inputs
 
     _check_input(input_path)
     the_format = _input_format(input_path, fmt)
@@ -203,7 +204,8 @@ def advise(target: str, input_path: str, fmt: str | None, kwargs: bool | None, s
     items = load_sample(input_path, the_format, call.kwargs, sample)
     if not items:
         _fail(f"{display_name(input_path)} holds no valid inputs to sample", EXIT_FAILED)
-    click.echo(str(advise_fn(call, items)))
+    total = count_inputs(input_path, the_format)
+    click.echo(str(advise_fn(call, items, total=total)))
 
 
 @cli.command(epilog=EPILOG)

@@ -78,6 +78,18 @@ def read_items(
         yield item
 
 
+def count_inputs(path: str, fmt: Format) -> int | None:
+    """How many inputs a file holds (its non-blank lines, less a CSV header); None for stdin."""
+    if path == "-":
+        return None
+    count = 0
+    with open(path, "rb") as stream:
+        for raw in stream:
+            if raw.strip():
+                count += 1
+    return max(0, count - 1) if fmt == "csv" else count
+
+
 def _lines(path: str) -> Iterator[tuple[int, bytes]]:
     stream = _open_binary(path)
     try:
