@@ -42,6 +42,8 @@ import gearshift as gs  # noqa: E402
 PACKAGES = ("gearshift", "joblib", "mpire", "numpy", "uvloop", "cloudpickle", "psutil")
 #: Child processes that belong to the interpreter's machinery, not to a contender's pool.
 INFRA = ("resource_tracker", "semaphore_tracker", "forkserver")
+#: Seconds after which a run is reported as slow (it is not stopped).
+SLOW_RUN = 60.0
 
 
 # --- the machine ----------------------------------------------------------------------
@@ -163,6 +165,11 @@ def run_once(c: Contender, items: list[Any], expected: dict[int, Any]) -> tuple[
     """One setup -> timed run -> teardown; returns (seconds, error, notes)."""
     threads_before = {t.ident for t in threading.enumerate() if t.ident is not None}
     seconds = error = None
+    # No way to stop a hung pool from outside it; at least say which contender hangs.
+    watchdog = threading.Timer(SLOW_RUN, lambda: print(
+        f"  ... {c.label} still running after {SLOW_RUN:g} s (Ctrl-C stops the suite)", file=sys.stderr))
+    watchdog.daemon = True
+    watchdog.start()
     try:
         if c.setup is not None:
             c.setup(items)
@@ -182,6 +189,8 @@ def run_once(c: Contender, items: list[Any], expected: dict[int, Any]) -> tuple[
         error = f"{type(exc).__name__}: {exc}"
         traceback.print_exc(limit=4, file=sys.stderr)
     finally:
+        watchdog.cancel()
+        watchdog.join()
         if c.teardown is not None:
             try:
                 c.teardown()
@@ -398,11 +407,15 @@ def main(argv: list[str] | None = None) -> int:
     print_machine(m, args, auto_note)
     results = []
     started = time.perf_counter()
+    interrupted = False
     try:
         for w in chosen:
             res = run_workload(w, args, auto_note, free)
             print_workload(res)
             results.append(res)
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted: the workloads finished so far are reported below", file=sys.stderr)
     finally:
         loky_shutdown()
     print_summary(results)
@@ -412,10 +425,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         payload = {"machine": m, "settings": {"quick": args.quick, "repeat": args.repeat, "workers": args.workers,
                                               "only": args.only, "contender": args.contender},
-                   "auto_note": auto_note, "workloads": results}
+                   "auto_note": auto_note, "interrupted": interrupted, "workloads": results}
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
         print(f"wrote {args.json}")
-    return 0
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":
