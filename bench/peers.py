@@ -190,7 +190,7 @@ def contenders(w: Workload, procs: int, free_threaded: bool) -> list[Contender]:
 
 def _gs_map(fn: Callable[..., Any], gear: str, workers: int | None) -> Callable[[list[Any]], list[Any]]:
     def run(items: list[Any]) -> list[Any]:
-        return list(gs.map(fn, items, gear=gear, workers=workers))
+        return gs.map(fn, items, gear=gear, workers=workers)  # a list, with .report: what ran
 
     return run
 

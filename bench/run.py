@@ -161,8 +161,21 @@ def leftovers(threads_before: set[int]) -> list[str]:
     return notes
 
 
+def what_ran(results: Any) -> str | None:
+    """For gearshift: the gear, workers and final chunk size its report shows (auto's choice)."""
+    report = getattr(results, "report", None)
+    if report is None:
+        return None
+    text = f"ran: {report.gear}, chunks of {report.chunksize}"
+    speedup = getattr(getattr(report, "advice", None), "speedup", None)
+    if isinstance(speedup, float):
+        text += f", predicted {speedup:.2f}x"
+    return text
+
+
 def run_once(c: Contender, items: list[Any], expected: dict[int, Any]) -> tuple[float | None, str | None, list[str]]:
     """One setup -> timed run -> teardown; returns (seconds, error, notes)."""
+    notes: list[str] = []
     threads_before = {t.ident for t in threading.enumerate() if t.ident is not None}
     seconds = error = None
     # No way to stop a hung pool from outside it; at least say which contender hangs.
@@ -177,6 +190,9 @@ def run_once(c: Contender, items: list[Any], expected: dict[int, Any]) -> tuple[
         start = time.perf_counter()
         results = c.run(items)
         seconds = time.perf_counter() - start
+        ran = what_ran(results)
+        if ran:
+            notes.append(ran)
         if len(results) != len(items):
             error = f"wrong answer: {len(results)} results for {len(items)} items"
         else:
@@ -196,7 +212,7 @@ def run_once(c: Contender, items: list[Any], expected: dict[int, Any]) -> tuple[
                 c.teardown()
             except Exception as exc:
                 error = error or f"teardown: {type(exc).__name__}: {exc}"
-    return (None if error else seconds), error, leftovers(threads_before)
+    return (None if error else seconds), error, notes + leftovers(threads_before)
 
 
 # --- a workload -------------------------------------------------------------------------
