@@ -55,6 +55,7 @@ def test_demo_rejects_an_unknown_workload() -> None:
 
 
 def test_bench_prints_a_table_and_draws_the_plot(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(f"{i}\n" for i in range(20)))
     png = tmp_path / "speedup.png"
