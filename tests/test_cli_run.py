@@ -184,6 +184,7 @@ def test_errors_skip_leaves_failures_unrecorded_for_a_resume(tmp_path: Path) -> 
     assert sorted(r["index"] for r in errors) == [0, 7, 14, 21, 28]
     assert "multiple of 7" in errors[0]["error"]["message"]
     assert 'raise ValueError' in errors[0]["error"]["traceback"]
+    assert "gearshift" not in errors[0]["error"]["traceback"]  # only the user's frames
 
 
 @pytest.mark.parametrize(

@@ -105,7 +105,7 @@ def _jsonl(path: str, name: str, kwargs: bool) -> Iterator[Item]:
         if not raw.strip():
             continue  # blank lines are not inputs and take no index
         try:
-            value = json.loads(raw)
+            value = json.loads(raw.rstrip(b"\r\n"))
         except (ValueError, UnicodeDecodeError) as exc:
             text = raw.decode("utf-8", "replace").rstrip("\r\n")
             yield Item(index, number, text, f"{name}:{number}: malformed JSON ({exc})")

@@ -97,6 +97,27 @@ def resume_command(output: str) -> str:
     return shlex.join(prog + args)
 
 
+_OUR_DIR = os.path.dirname(os.path.abspath(gs.__file__))
+
+
+def user_frames(tb: str) -> str:
+    """A formatted traceback without gearshift's own frames: only the user's code matters."""
+    kept: list[str] = []
+    skipping = False
+    for line in tb.splitlines(keepends=True):
+        if line.startswith('  File "'):
+            path = line[len('  File "') :].split('"', 1)[0]
+            skipping = os.path.abspath(path).startswith(_OUR_DIR + os.sep)
+            if skipping:
+                continue
+        elif skipping and line.startswith("    "):
+            continue
+        else:
+            skipping = False
+        kept.append(line)
+    return "".join(kept)
+
+
 def record_of(value: Any, in_flight: dict[int, Item], echo_input: bool) -> tuple[dict[str, Any], bool]:
     """The JSON record for one outcome from the wrapper (or its ``gs.Failure``), and ok."""
     failure = isinstance(value, gs.Failure)
@@ -107,7 +128,7 @@ def record_of(value: Any, in_flight: dict[int, Item], echo_input: bool) -> tuple
         record["input"] = item.value
     if failure:
         exc = value.exception
-        tb = "" if isinstance(exc, MalformedInput) else value.traceback  # the message says it all
+        tb = "" if isinstance(exc, MalformedInput) else user_frames(value.traceback)  # the message says it all
         record["error"] = {"type": type(exc).__name__, "message": str(exc), "traceback": tb}
         elapsed = getattr(exc, "gearshift_elapsed", None)
         record["elapsed"] = None if elapsed is None else round(elapsed, 6)
