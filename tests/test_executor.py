@@ -238,3 +238,20 @@ def test_no_stale_reference_to_arguments() -> None:
             gc.collect()
             time.sleep(0.01)
         assert ref() is None
+
+
+def test_process_exception_carries_worker_traceback() -> None:
+    with gs.Executor("process", workers=2) as ex:
+        exc = ex.submit(fail_on, 3).exception(timeout=PATIENCE)
+    assert isinstance(exc, KeyError)
+    assert isinstance(exc.__cause__, gs.RemoteTraceback) and "fail_on" in exc.__cause__.tb
+
+
+def test_unpicklable_argument_fails_only_its_future() -> None:
+    import threading
+
+    with gs.Executor("process", workers=2) as ex:
+        bad = ex.submit(repr, threading.Lock())
+        good = ex.submit(square, 4)
+        assert isinstance(bad.exception(timeout=PATIENCE), gs.UnpicklableError)
+        assert good.result(timeout=PATIENCE) == 16

@@ -113,19 +113,21 @@ def test_close_is_idempotent_and_context_manager() -> None:
         next(it)
 
 
-@pytest.mark.parametrize(("gear", "n"), [("thread", 1_000_000), ("serial", 100_000)])
-def test_bounded_admission_on_long_input(gear: str, n: int) -> None:
-    """How far the input runs ahead of the results stays a small window, not the whole input."""
+@pytest.mark.parametrize(("gear", "n"), [(gs.ThreadGear, 1_000_000), (gs.SerialGear, 1_000_000)])
+def test_bounded_admission_on_long_input(gear: type[gs.Gear], n: int) -> None:
+    """How far the input runs ahead of the results stays a window, not the whole input."""
     source = Counted(n)
     rss_before = psutil.Process().memory_info().rss
     lag = 0
     yielded = 0
-    it = gs.imap(add_one, source, gear=gear, workers=2)
+    the_gear = gear(2)
+    it = gs.imap(add_one, source, gear=the_gear)
     for _ in it:
         yielded += 1
         lag = max(lag, source.taken - yielded)
     assert yielded == n and source.taken == n
-    # window = 2*workers batches of chunk_target/per-item items (a few thousand here).
-    assert lag < 50_000, f"input ran {lag} items ahead of the results"
+    # The engine's promise: at most 2*max_inflight batches admitted beyond the in-flight ones.
+    assert lag <= 3 * the_gear.max_inflight() * it.report.chunksize
+    assert lag < n // 5, f"input ran {lag} items ahead of the results"
     growth = psutil.Process().memory_info().rss - rss_before
     assert growth < 50 * 2**20, f"RSS grew by {growth / 2**20:.1f} MB"
