@@ -84,7 +84,7 @@ def run_bench(
     echo: Callable[[str], None] | None = None,
 ) -> list[Row]:
     """Serial first (the baseline), then every gear at every worker count."""
-    from gearshift._gears import GEARS
+    from gearshift._cli.run import auto_available
 
     say = echo or (lambda text: click.echo(text, err=True))
     runs = [("serial", 1)]
@@ -92,7 +92,7 @@ def run_bench(
         if gear == "serial":
             continue
         if gear == "auto":
-            if "auto" in GEARS:
+            if auto_available():
                 runs.append(("auto", 0))
             else:
                 say("gearshift bench: the auto gear is not available in this build; left out")

@@ -20,6 +20,7 @@ def _version(name: str) -> str | None:
 
 
 def collect() -> dict[str, str]:
+    from gearshift._cli.run import auto_available
     from gearshift._gears import GEARS, cpu_count
     from gearshift._gears.process import default_start_method
 
@@ -42,7 +43,7 @@ def collect() -> dict[str, str]:
         "cores": f"{cpu_count()} usable (of {os.cpu_count()} on the machine)",
         "event loop": f"uvloop {uvloop}" if uvloop else "asyncio (pip install 'gearshift[fast]' for uvloop)",
         "start method": f"{default_start_method()} (multiprocessing's default: {mp_default})",
-        "gears": ", ".join(GEARS),
+        "gears": ", ".join([*GEARS, *(["auto"] if auto_available() else [])]),
     }
     for name in OPTIONAL:
         facts[name] = _version(name) or "not installed"

@@ -8,22 +8,23 @@ applied here, where the record is written.
 
 from __future__ import annotations
 
+import functools
 import os
 import shlex
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import click
 
 import gearshift as gs
-from gearshift._cli.inputs import Format, Item, read_items
+from gearshift._cli.inputs import Format, Item, count_inputs, read_items
 from gearshift._cli.outputs import RecordWriter, recover
 from gearshift._cli.target import MalformedInput, make_call
-from gearshift._gears import GEARS
+from gearshift._gears import GEARS, make_gear
 from gearshift._retry import Retry
 
 EXIT_OK = 0
@@ -34,16 +35,28 @@ EXIT_INTERRUPTED = 130
 ErrorsArg = Literal["raise", "collect", "skip"]
 
 
+@functools.cache
+def auto_available() -> bool:
+    """Whether this build has the auto gear (``make_gear`` knows it, registered or not)."""
+    if "auto" in GEARS:
+        return True
+    try:
+        make_gear("auto")
+    except (ValueError, ImportError):
+        return False
+    return True
+
+
 def default_gear() -> str:
     """``auto`` when this build has it, else ``thread`` (safe for any function)."""
-    return "auto" if "auto" in GEARS else "thread"
+    return "auto" if auto_available() else "thread"
 
 
 def pick_gear(requested: str | None) -> tuple[str, str | None]:
     """The gear to run and, when it differs from what was asked, a note saying why."""
     if requested is None:
         return default_gear(), None
-    if requested == "auto" and "auto" not in GEARS:
+    if requested == "auto" and not auto_available():
         return "thread", "the auto gear is not available in this build; running in the thread gear"
     return requested, None
 
@@ -53,6 +66,20 @@ class _NoRetryOnMalformed(Retry):
 
     def should_retry(self, exc: BaseException, attempt: int) -> bool:
         return not isinstance(exc, MalformedInput) and Retry.should_retry(self, exc, attempt)
+
+
+class _Sized(Iterable[Item]):
+    """The pending inputs with their count, for the progress bar's total and the auto gear."""
+
+    def __init__(self, items: Iterator[Item], count: int) -> None:
+        self._items = items
+        self._count = count
+
+    def __iter__(self) -> Iterator[Item]:
+        return self._items
+
+    def __len__(self) -> int:
+        return self._count
 
 
 @dataclass
@@ -169,12 +196,14 @@ def run(opts: RunOptions) -> int:
                 in_flight[item.index] = item
                 yield item
 
+    total = count_inputs(opts.input, opts.fmt)  # one quick pass: a progress bar with an ETA
+    items: Iterable[Item] = pending() if total is None else _Sized(pending(), max(0, total - len(done)))
     retries = _NoRetryOnMalformed(attempts=opts.retries + 1) if opts.retries else 0
     tally = Tally()
     writer = RecordWriter(opts.output)
     started = time.perf_counter()
     results = gs.imap(
-        call, pending(), gear=gear, workers=opts.workers, ordered=opts.ordered, errors="collect",
+        call, items, gear=gear, workers=opts.workers, ordered=opts.ordered, errors="collect",
         progress=opts.progress, timeout=opts.timeout, retries=retries, rate=opts.rate,
     )
     code = EXIT_OK
