@@ -244,3 +244,20 @@ def test_progress_force_draws_a_bar(capsys: pytest.CaptureFixture[str], monkeypa
     captured = capsys.readouterr()
     assert "20/20" in captured.err and "square" in captured.err
     assert captured.out == ""
+
+
+def _broken_input(n: int) -> Any:
+    yield from range(n)
+    raise OSError("input broke")
+
+
+@pytest.mark.parametrize("gear", GEARS)
+def test_error_in_the_input_iterator_propagates(gear: str) -> None:
+    with pytest.raises(OSError, match="input broke"):
+        gs.map(square, _broken_input(20), gear=gear, workers=2)
+
+
+def test_unpicklable_result_fails_only_that_item() -> None:
+    out = gs.map(lambda x: threading.Lock() if x == 2 else x, range(5), gear="process", workers=2, errors="collect")
+    assert [out[i] for i in (0, 1, 3, 4)] == [0, 1, 3, 4]
+    assert isinstance(out[2], gs.Failure) and "pickle" in str(out[2].exception)
