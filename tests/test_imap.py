@@ -95,6 +95,25 @@ def test_exception_in_callers_loop_stops_the_run(gear: str) -> None:
 
 
 @pytest.mark.parametrize("gear", GEARS)
+def test_exception_in_loop_over_a_named_iterator(gear: str) -> None:
+    """The usual shape: ``results = gs.imap(...)`` in a function whose loop raises; the caller handles it."""
+
+    def consume() -> None:
+        results = gs.imap(add_one, Counted(), gear=gear, workers=2)
+        for value in results:
+            if value == 10:
+                raise LookupError("caller's bug")
+
+    try:
+        consume()
+    except LookupError:
+        pass
+    else:
+        raise AssertionError("the caller's exception was lost")
+    assert_all_stopped()
+
+
+@pytest.mark.parametrize("gear", GEARS)
 def test_error_in_task_stops_imap(gear: str) -> None:
     got = []
     with pytest.raises(KeyError):
