@@ -241,15 +241,15 @@ def run(opts: RunOptions) -> int:
     finally:
         results.close()
         writer.close()
-    _summary(opts, tally, results.report, gear, time.perf_counter() - started, len(done))
-    if (stopped is not None or code != EXIT_OK) and opts.output != "-":
-        _say(f"to finish the run: {resume_command(opts.output)}", bold=True)
     if isinstance(stopped, KeyboardInterrupt):
-        _say("gearshift run: interrupted", fg="yellow", bold=True)
-        return EXIT_INTERRUPTED
-    if isinstance(stopped, SystemExit):
-        _say("gearshift run: terminated", fg="yellow", bold=True)
-        return stopped.code if isinstance(stopped.code, int) else EXIT_FAILED
+        _say("gearshift run: interrupted; what finished is recorded, what was running was dropped", fg="yellow")
+        code = EXIT_INTERRUPTED
+    elif isinstance(stopped, SystemExit):
+        _say("gearshift run: terminated; what finished is recorded, what was running was dropped", fg="yellow")
+        code = stopped.code if isinstance(stopped.code, int) else EXIT_FAILED
+    _summary(opts, tally, results.report, gear, time.perf_counter() - started, len(done))
+    if code != EXIT_OK and opts.output != "-":
+        _say(f"to finish the run: {resume_command(opts.output)}", bold=True)
     return code
 
 
