@@ -1,0 +1,484 @@
+"""The auto gear: start in first gear, measure the work, shift up when it pays.
+
+Phases, each a way of running the items the engine hands over:
+
+* ``probe``:  the first item runs in a probe thread while the caller watches its CPU
+  clock. If it ends quickly the work is short: go ``serial``. If after ``WATCH`` seconds
+  it still runs, its clock says whether it computes or waits: waiting shifts to threads
+  at once; computing runs the ``pair`` test. No item is run twice, no wave is lost.
+* ``serial``: the caller runs batches itself (tiny tasks never pay a hand-off), timing
+  them; now and then (at doubling intervals of work) the model decides whether another
+  gear pays off over the work left, start-up included.
+* ``pair``:   two probe threads run items at once for ``PAIR_WINDOW``: calls that run in
+  parallel release the GIL (threads), calls that take turns hold it (processes).
+* ``shifted``: a delegate gear runs the rest; the engine reads its ``workers``,
+  ``chunk_target`` and ``max_inflight()`` through this gear. Items still in probe
+  threads finish there and their results are merged in.
+
+Coroutine functions go straight to the async gear. A function that cannot be pickled
+never goes to processes, and the reasons say so. The choice and its reasons go to the
+run's ``Report`` (passed in ``RunSpec.extra["report"]``) and to the ``gearshift`` logger.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from gearshift._advisor.advice import Advice
+from gearshift._advisor.model import Decision, Machine, Measurements, decide
+from gearshift._advisor.probes import (
+    Feed,
+    Measured,
+    ProbeThread,
+    ThreadClock,
+    Window,
+    fn_pickle_error,
+    long_switch_interval,
+    machine_facts,
+    overlap_scaling,
+    pickle_cost,
+    wait_fraction,
+)
+from gearshift._cancel import CancelToken
+from gearshift._gears._base import Gear
+from gearshift._gears.aio import AsyncGear, is_async_callable
+from gearshift._gears.process import ProcessGear
+from gearshift._gears.serial import SerialGear
+from gearshift._gears.thread import ThreadGear
+from gearshift._task import Batch, Outcome, RunSpec
+from gearshift.errors import TaskTimeout
+
+log = logging.getLogger("gearshift")
+
+#: A first item shorter than this is "short": measure more of them in the caller.
+SHORT = 0.005
+#: Watch a long first item this long before judging it from its CPU clock.
+WATCH = 0.03
+#: Two probe threads run at once this long to tell GIL-holding from GIL-releasing work.
+PAIR_WINDOW = 0.05
+#: Work run serially before the first decision; the interval doubles after each.
+FIRST_CHECK = 0.02
+#: Slice in which the caller polls probe threads.
+SLICE = 0.005
+#: How long ``close(cancel=True)`` waits for probe threads.
+CANCEL_GRACE = 1.5
+
+_GEARS: dict[str, type[Gear]] = {"serial": SerialGear, "thread": ThreadGear, "process": ProcessGear, "async": AsyncGear}
+
+
+class AutoGear(Gear):
+    """Measures the first items and shifts to the gear the measurements call for."""
+
+    name = "auto"
+
+    def __init__(self, workers: int | None = None, *, machine: Machine | None = None) -> None:
+        super().__init__(workers if workers is not None else 2)
+        self._user_workers = workers
+        self.machine = machine or machine_facts()
+        self.workers = 2
+        self.chunk_target = 0.0
+        self.decision: Decision | None = None
+        self.advice: Advice | None = None
+        self.phase = "probe"
+        self._fn: Callable[[Any], Any] | None = None
+        self._pickle_error = ""
+        self._coro = False
+        self._spec = RunSpec()
+        self._report: Any = None
+        self._total: int | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.phase = "probe"
+        self.workers = 2
+        self.chunk_target = 0.0
+        self._delegate: Gear | None = None
+        self._feed = Feed()
+        self._probes: list[ProbeThread] = []
+        self._probe_done: queue.SimpleQueue[Measured | None] = queue.SimpleQueue()
+        self._token = CancelToken()
+        self._pending: deque[Batch] = deque()
+        self._completed = 0
+        self._m = Measurements(per_item=0.0)
+        self._serial_n = 0
+        self._serial_wall = 0.0
+        self._serial_busy = 0.0  # CPU seconds of the calls run in the caller
+        self._serial_runq = 0.0
+        self._next_check = FIRST_CHECK
+        self._pair_start: list[Window] | None = None
+        self._pair_tries = 0
+        self._sample: tuple[Any, Any] | None = None
+        self._clock: ThreadClock | None = None
+        self._runq_mark = (0.0, 0.0)
+        self._pair_at = 0.0
+        self._switch: Any = None
+
+    @classmethod
+    def default_workers(cls) -> int:
+        return 2
+
+    def max_inflight(self) -> int:
+        if self._delegate is not None and self.phase in ("shifted", "serial"):
+            return self._delegate.max_inflight()
+        return 4 if self.phase == "pair" else 2  # pair: 4 batches of PAIR_WINDOW of work each
+
+    def check(self, fn: Callable[..., Any]) -> None:
+        """Never fails: an unpicklable function only rules processes out."""
+        self._fn = fn
+        self._coro = is_async_callable(fn)
+        self._pickle_error = fn_pickle_error(fn) if self.machine.gil_enabled else ""
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def open(self, spec: RunSpec) -> None:
+        self._spec = spec
+        self._report = spec.extra.get("report")
+        self._total = spec.extra.get("total")
+        self._reset()
+        self._m.is_coroutine = self._coro
+        self._m.pickle_error = self._pickle_error
+        if self._coro:
+            n = self._user_workers or AsyncGear.default_workers()
+            reasons = ["a coroutine function: async when you can", f"the async gear, {n} tasks at once"]
+            self._shift(Decision("async", n, 1, 0.0, 0.0, {}, reasons))
+
+    def submit(self, batch: Batch) -> None:
+        if self.phase == "shifted":
+            assert self._delegate is not None
+            self._delegate.submit(batch)
+        elif self.phase == "serial":
+            self._pending.append(batch)
+        else:
+            self._feed.put(batch.tasks)
+            if not self._probes:
+                self._start_probe()
+
+    def _start_probe(self) -> None:
+        assert self._fn is not None
+        thread = ProbeThread(len(self._probes), self._fn, self._feed, self._probe_done.put, self._spec, self._token)
+        self._probes.append(thread)
+        thread.start()
+
+    # -- collecting -----------------------------------------------------------------------
+    def collect(self, timeout: float | None) -> list[Outcome]:
+        if self.phase == "probe":
+            return self._collect_probe(timeout)
+        if self.phase == "pair":
+            return self._collect_pair(timeout)
+        if self.phase == "serial":
+            return self._collect_serial(timeout)
+        return self._collect_shifted(timeout)
+
+    def _drain(self, wait: float | None) -> list[Outcome]:
+        """Outcomes of probe threads (expired items reported, late results of them dropped)."""
+        out: list[Outcome] = []
+        try:
+            got = self._probe_done.get(timeout=wait) if wait else self._probe_done.get_nowait()
+        except queue.Empty:
+            got = None
+        while got is not None:
+            self._take(got, out)
+            try:
+                got = self._probe_done.get_nowait()
+            except queue.Empty:
+                got = None
+        for thread in self._probes:
+            if thread.init_error is not None:
+                raise thread.init_error
+        out.extend(self._expire())
+        self._completed += len(out)
+        return out
+
+    def _take(self, got: Measured, out: list[Outcome]) -> None:
+        if got.outcome.task is got.thread.expired:
+            return
+        out.append(got.outcome)
+        o = got.outcome
+        if o.ok and self._sample is None:
+            self._sample = (o.task.item, o.value)
+        if o.elapsed > 0 and self.phase == "probe" and got.precise:
+            # Only calls timed alone count: in the pair test the threads slow each other down.
+            self._m.samples += 1
+            n = self._m.samples
+            self._m.per_item += (o.elapsed - self._m.per_item) / n
+            wait = wait_fraction(o.elapsed, got.cpu, got.busy - got.cpu)
+            self._m.wait_fraction += (wait - self._m.wait_fraction) / n
+
+    def _expire(self) -> list[Outcome]:
+        limit = self._spec.timeout
+        if limit is None:
+            return []
+        out = []
+        now = time.perf_counter()
+        for thread in self._probes:
+            task, token = thread.current, thread.current_token
+            if task is not None and thread.expired is not task and now - thread.current_start > limit:
+                thread.expired = task
+                if token is not None:
+                    token.cancel()
+                out.append(Outcome(task, False, TaskTimeout(limit, task.item, task.index), limit))
+        return out
+
+    def _running(self) -> list[ProbeThread]:
+        return [t for t in self._probes if t.is_alive() and t.current is not None and t.expired is not t.current]
+
+    def _collect_probe(self, timeout: float | None) -> list[Outcome]:
+        """Wait for the first outcomes, waking only to judge a long item (each wake costs it a GIL hand-over)."""
+        deadline = time.perf_counter() + (timeout if timeout is not None else 3600.0)
+        while True:
+            running = self._running()
+            wake = deadline
+            if running:
+                wake = min(wake, running[0].current_start + WATCH)
+            elif not self._probes or not any(t.clock for t in self._probes):
+                wake = min(wake, time.perf_counter() + SLICE)
+            out = self._drain(max(1e-4, wake - time.perf_counter()))
+            if out and self._m.samples:
+                if self._m.per_item < SHORT:
+                    self._go_serial()
+                else:
+                    self._consider(pair_first=True)
+                return out
+            running = self._running()
+            if running and time.perf_counter() - running[0].current_start >= WATCH:
+                self._judge_running(running[0])
+                return out
+            if out or time.perf_counter() >= deadline:
+                return out
+
+    def _judge_running(self, thread: ProbeThread) -> None:
+        """The first item is long: judge it from its clocks so far (its time is a lower bound)."""
+        assert thread.clock is not None
+        elapsed = time.perf_counter() - thread.current_start
+        cpu, runq = thread.clock.cpu() - thread.start_cpu, thread.clock.runq() - thread.start_runq
+        self._m.per_item = max(self._m.per_item, elapsed)
+        self._m.wait_fraction = wait_fraction(elapsed, cpu, runq)
+        self._m.samples = max(self._m.samples, 1)
+        self._consider(pair_first=True)
+
+    def _remaining(self) -> int:
+        if self._total is not None:
+            return max(1, self._total - self._completed - len(self._running()))
+        # Unknown length: the run so far predicts the run ahead (and a long item, a few waves).
+        return max(self._completed, 4 * self.machine.cores if self._m.per_item >= SHORT else 1)
+
+    def _consider(self, pair_first: bool) -> None:
+        """Decide with what is measured; run the pair test first when it could change the answer."""
+        m = self._m
+        if self._sample is not None and m.picklable and not m.pickle_per_item:
+            m.pickle_per_item, error = pickle_cost(*self._sample)
+            if error:
+                m.pickle_error = f"an item or its result cannot be pickled ({error})"
+        remaining = self._remaining()
+        decision = decide(m, self.machine, self._user_workers, remaining)
+        if pair_first and self.machine.gil_enabled and m.thread_scaling is None and m.wait_fraction < 0.5:
+            hopeful = Measurements(**{**_fields(m), "thread_scaling": 2.0, "blocks_per_s": 0.0})
+            if decide(hopeful, self.machine, self._user_workers, remaining).gear != decision.gear:
+                self._go_pair()
+                return
+        if decision.gear == "serial":
+            self._go_serial()
+            self.decision = decision
+            return
+        self._shift(decision)
+
+    # -- serial ---------------------------------------------------------------------------
+    def _go_serial(self) -> None:
+        if self.phase != "serial":
+            tasks = self._feed.stop()
+            size = max(1, int(0.002 / max(self._m.per_item, 1e-7)))
+            for i in range(0, len(tasks), size):
+                self._pending.append(Batch(self._fn_or_fail(), tasks[i : i + size]))
+            gear = SerialGear()
+            gear.check(self._fn_or_fail())
+            gear.open(self._spec)
+            self._delegate = gear
+            self.phase = "serial"
+            self.workers = 1
+            self.chunk_target = 0.002
+            self._clock = ThreadClock()
+            self._runq_mark = (self._clock.runq(), self._serial_wall)
+            self._next_check = max(FIRST_CHECK, self._serial_wall * 2)
+
+    def _fn_or_fail(self) -> Callable[[Any], Any]:
+        assert self._fn is not None
+        return self._fn
+
+    def _collect_serial(self, timeout: float | None) -> list[Outcome]:
+        out = self._drain(None)
+        if not self._pending:
+            if not out and self._running():
+                out = self._drain(min(timeout or SLICE, 0.02))
+            return out
+        assert self._delegate is not None and self._clock is not None
+        batch = self._pending.popleft()
+        self._delegate.submit(batch)
+        c0, w0 = time.thread_time(), time.perf_counter()
+        got = self._delegate.collect(0)
+        wall, busy = time.perf_counter() - w0, time.thread_time() - c0
+        self._completed += len(got)
+        out.extend(got)
+        if got:
+            self._serial_n += len(got)
+            self._serial_wall += wall
+            self._serial_busy += busy
+            if self._sample is None and got[0].ok:
+                self._sample = (got[0].task.item, got[0].value)
+        if self._serial_wall >= self._next_check:
+            # The run-queue delay (a file read) is taken once per check, not per batch.
+            runq = self._clock.runq()
+            self._serial_runq += runq - self._runq_mark[0]
+            self._runq_mark = (runq, self._serial_wall)
+            self._next_check = self._serial_wall * 2
+            m = self._m
+            m.per_item = self._serial_wall / self._serial_n
+            m.wait_fraction = wait_fraction(self._serial_wall, self._serial_busy, self._serial_runq)
+            m.samples = self._serial_n
+            self._consider(pair_first=True)
+        return out
+
+    # -- pair -----------------------------------------------------------------------------
+    def _go_pair(self) -> None:
+        if self.phase == "serial":
+            assert self._delegate is not None
+            self._delegate.close()
+            self._delegate = None
+            self._feed = Feed()
+            for batch in self._pending:
+                self._feed.put(batch.tasks)
+            self._pending.clear()
+        self.phase = "pair"
+        self._feed.precise = False
+        self.workers = 2
+        self.chunk_target = PAIR_WINDOW  # the caller sleeps through the window: feed it enough
+        while len([t for t in self._probes if t.is_alive() and not t.feed.stopped]) < 2:
+            self._start_probe()
+        self._pair_start = None
+
+    def _collect_pair(self, timeout: float | None) -> list[Outcome]:
+        """Let both probe threads run for the window (the caller sleeps: no GIL hand-overs of its own)."""
+        live = [t for t in self._probes if t.is_alive() and t.feed is self._feed]
+        if self._pair_start is None:
+            if not all(t.clock is not None for t in live):
+                return self._drain(SLICE)
+            self._switch = long_switch_interval()
+            self._switch.__enter__()
+            self._pair_start = [t.watch() for t in live]
+            self._pair_at = time.perf_counter()
+        time.sleep(max(0.0, self._pair_at + PAIR_WINDOW - time.perf_counter()))
+        result = overlap_scaling(self._pair_start, [t.watch() for t in live])
+        self._end_switch()
+        out = self._drain(None)
+        self._pair_tries += 1
+        if result is None and self._pair_tries < 3:
+            self._pair_start = None
+            return out
+        self._m.thread_scaling, self._m.blocks_per_s = result or (1.0, 0.0)
+        self._consider(pair_first=False)
+        return out
+
+    def _end_switch(self) -> None:
+        if self._switch is not None:
+            self._switch.__exit__(None, None, None)
+            self._switch = None
+
+    # -- shifted --------------------------------------------------------------------------
+    def _shift(self, decision: Decision) -> None:
+        """Run the rest in the chosen gear; items left in the feed or queue go there."""
+        fn = self._fn_or_fail()
+        old = self._delegate
+        gear = _GEARS[decision.gear](decision.workers)
+        gear.check(fn)
+        gear.open(self._spec)
+        tasks = [t for b in self._pending for t in b.tasks] + self._feed.stop()
+        self._pending.clear()
+        if old is not None:
+            old.close()
+        self._delegate = gear
+        self.phase = "shifted"
+        self.workers = gear.workers
+        self.chunk_target = gear.chunk_target
+        size = max(1, math.ceil(len(tasks) / (2 * gear.workers)))
+        for i in range(0, len(tasks), size):
+            gear.submit(Batch(fn, tasks[i : i + size]))
+        self._record(decision)
+
+    def _record(self, decision: Decision) -> None:
+        self.decision = decision
+        self.advice = Advice.from_decision(decision, self._m, self.machine)
+        gear_text = self.describe()
+        log.info("gearshift auto: %s; %s", gear_text, "; ".join(decision.reasons))
+        if self._report is not None:
+            self._report.gear = gear_text
+            self._report.workers = self.workers
+            self._report.reasons = list(decision.reasons)
+            self._report.advice = self.advice
+
+    def _collect_shifted(self, timeout: float | None) -> list[Outcome]:
+        assert self._delegate is not None
+        out = self._drain(None)
+        if any(t.is_alive() for t in self._probes):
+            wait = 0.0 if out else min(timeout if timeout is not None else 0.02, 0.02)
+            out.extend(self._delegate.collect(wait))
+            out.extend(self._drain(None))
+            return out
+        out.extend(self._delegate.collect(0 if out else timeout))
+        return out
+
+    def wake(self) -> None:
+        if self._delegate is not None:
+            self._delegate.wake()
+        self._probe_done.put(None)
+
+    def close(self, cancel: bool = False) -> None:
+        self._end_switch()
+        if cancel:
+            self._token.cancel()
+        self._feed.stop()
+        if self.phase != "shifted" and self._report is not None:
+            if self.decision is None:
+                where = "serial gear" if self.phase == "serial" else "probe threads"
+                self._report.gear = f"{where} (auto: the run ended while probing)"
+                self._report.reasons = ["the run ended before the measurements called for a shift"]
+            else:
+                self._record(self.decision)
+        try:
+            if self._delegate is not None:
+                self._delegate.close(cancel)
+        finally:
+            self._join_probes(cancel)
+
+    def _join_probes(self, cancel: bool) -> None:
+        stuck = []
+        deadline = time.monotonic() + CANCEL_GRACE
+        for thread in self._probes:
+            if cancel or thread.expired is not None:
+                thread.join(max(0.0, deadline - time.monotonic()))
+                if thread.is_alive():
+                    stuck.append(thread.name)
+            else:
+                while thread.is_alive():
+                    thread.join(0.1)  # in slices: the main thread keeps receiving signals
+        self._probes = []
+        if stuck:
+            warnings.warn(
+                f"gearshift: probe thread(s) {', '.join(stuck)} did not stop within {CANCEL_GRACE}s; "
+                "their functions ignore gs.cancelled() and will finish on their own",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def describe(self) -> str:
+        if self.phase in ("shifted", "serial") and self._delegate is not None and self.decision is not None:
+            return f"{self._delegate.describe()}, chosen by auto"
+        return "auto gear (probing)"
+
+
+def _fields(m: Measurements) -> dict[str, Any]:
+    return {name: getattr(m, name) for name in Measurements.__slots__}
