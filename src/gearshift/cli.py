@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from gearshift._cli.inputs import FORMATS, Format, display_name, guess_format
-from gearshift._cli.run import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, RunOptions, default_gear
+from gearshift._cli.run import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, RunOptions
 from gearshift._cli.target import TargetError
 
 EPILOG = (
@@ -101,7 +101,7 @@ def cli() -> None:
 @format_option
 @kwargs_option
 @click.option("--gear", "-g", default=None, metavar="GEAR",
-              help=f"serial, thread, process, async or auto (default: {default_gear()}).")
+              help="serial, thread, process, async or auto (default: auto, which measures and shifts).")
 @click.option("--workers", "-w", type=click.IntRange(min=1), default=None, help="Workers (default: the gear's).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Seconds per input; it fails with TaskTimeout.")
@@ -213,7 +213,7 @@ def advise(target: str, input_path: str, fmt: str | None, kwargs: bool | None, s
 @input_option
 @format_option
 @kwargs_option
-@click.option("--gears", default="serial,thread,process,async", show_default=True,
+@click.option("--gears", default="serial,thread,process,async,auto", show_default=True,
               help="Gears to compare, separated by commas.")
 @click.option("--workers", "workers_text", default=None, metavar="N[,N...]",
               help="Worker counts to try in each gear (default: 1, 2, 4... up to twice the cores).")
