@@ -255,3 +255,19 @@ def test_unpicklable_argument_fails_only_its_future() -> None:
         good = ex.submit(square, 4)
         assert isinstance(bad.exception(timeout=PATIENCE), gs.UnpicklableError)
         assert good.result(timeout=PATIENCE) == 16
+
+
+@pytest.mark.parametrize("gear", GEARS)
+def test_work_submitted_before_exit_still_runs(gear: str, tmp_path: Path) -> None:
+    """CPython's test_interpreter_shutdown: no shutdown() call, yet the submitted call completes."""
+    import subprocess
+    import sys
+
+    script = (
+        "import functools, gearshift as gs, helpers\n"
+        f"ex = gs.Executor({gear!r}, workers=2)\n"
+        f"ex.submit(functools.partial(helpers.record, folder={str(tmp_path)!r}), 1)\n"
+    )
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parent)}
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=PATIENCE)
+    assert ran_files(str(tmp_path)) == {1}

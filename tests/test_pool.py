@@ -174,3 +174,28 @@ def test_imap_early_break_cancels_the_rest(tmp_path: Path) -> None:
             if value == 16:
                 break
         assert pool.apply(square, (3,)) == 9, "the pool is still usable after an abandoned imap"
+
+
+def test_unclosed_pool_terminates_at_exit() -> None:
+    """As multiprocessing.Pool's finalizer does: an endless call does not hold up interpreter exit."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import psutil
+
+    script = (
+        "import json, os, psutil, gearshift as gs, helpers\n"
+        "pool = gs.Pool(2)\n"
+        "pool.apply_async(helpers.wait_for, ('/nonexistent/never',))\n"
+        "pool.apply(helpers.square, (2,))\n"
+        "print(json.dumps([p.pid for p in psutil.Process().children()]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=PATIENCE,
+                         capture_output=True, text=True)
+    workers = json.loads(out.stdout)
+    assert len(workers) == 2
+    alive = [p for p in workers if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert alive == []

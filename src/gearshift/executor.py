@@ -11,11 +11,13 @@ PENDING (cancellable) until the gear has room for them, as in the stdlib.
 
 from __future__ import annotations
 
+import atexit
 import heapq
 import itertools
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor as _StdExecutor
@@ -30,6 +32,25 @@ from gearshift._task import Batch, Outcome, RunSpec, Task
 __all__ = ["Executor"]
 
 _STOP = object()
+
+#: Executors with a running driver: at interpreter exit their submitted work still runs.
+_live: weakref.WeakSet[Executor] = weakref.WeakSet()
+
+
+def _finish_at_exit() -> None:
+    """As the stdlib executors do, work submitted before exit is done, not dropped.
+
+    Registered with ``threading._register_atexit`` (as concurrent.futures does), so it runs
+    before the interpreter stops its threads; ``gs.Pool``, like multiprocessing's, terminates.
+    """
+    for executor in list(_live):
+        if executor._terminate_at_exit:
+            executor.terminate()
+        else:
+            executor.shutdown(wait=True)
+
+
+getattr(threading, "_register_atexit", atexit.register)(_finish_at_exit)
 
 
 class _Star:
@@ -122,6 +143,7 @@ class Executor(_StdExecutor):
         self._open_error: BaseException | None = None
         self._wrappers: dict[int, _Star] = {}
         self._ids = itertools.count()
+        self._terminate_at_exit = False
 
     @property
     def gear(self) -> Gear:
@@ -154,6 +176,7 @@ class Executor(_StdExecutor):
             if self._thread is None:
                 self._thread = threading.Thread(target=self._drive, name="gearshift-executor", daemon=True)
                 self._thread.start()
+                _live.add(self)
                 self._opened.wait()
             else:
                 self._gear.wake()

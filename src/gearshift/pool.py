@@ -126,6 +126,7 @@ class Pool:
             initargs=initargs,
             max_tasks_per_worker=maxtasksperchild,
         )
+        self._executor._terminate_at_exit = True  # as multiprocessing.Pool's finalizer does
         self._state = "RUN"
 
     @property
