@@ -10,10 +10,12 @@ names start with an underscore are private.
 
 from __future__ import annotations
 
+from gearshift._advisor import Advice, advise
 from gearshift._api import ResultIterator, Results, amap, imap, map
 from gearshift._cancel import CancelToken, cancel_token, cancelled
 from gearshift._engine import Report
 from gearshift._gears import AsyncGear, Gear, ProcessGear, SerialGear, ThreadGear
+from gearshift._gears.auto import AutoGear
 from gearshift._retry import Retry
 from gearshift.errors import (
     Failure,
@@ -30,6 +32,8 @@ from gearshift.pool import AsyncResult, Pool
 __version__ = "0.1.0"
 
 __all__ = [
+    "Advice",
+    "AutoGear",
     "AsyncGear",
     "AsyncResult",
     "CancelToken",
@@ -50,6 +54,7 @@ __all__ = [
     "ThreadGear",
     "UnpicklableError",
     "WorkerCrashed",
+    "advise",
     "amap",
     "cancel_token",
     "cancelled",

@@ -94,7 +94,9 @@ def _prepare(
         fn, items, the_gear, ordered=ordered, chunksize=chunksize, errors=errors, retries=retries,
         rate=rate, progress=progress,
     )
-    spec = RunSpec(timeout, initializer, tuple(initargs), max_tasks_per_worker)
+    # The auto gear reports its choice on the run's report, and sizes it from the input's length.
+    extra = {"report": scheduler.report, "total": scheduler.total}
+    spec = RunSpec(timeout, initializer, tuple(initargs), max_tasks_per_worker, extra)
     return scheduler, the_gear, spec
 
 
@@ -113,7 +115,7 @@ def imap(
     fn: Callable[[Any], Any],
     items: Iterable[Any],
     *,
-    gear: GearArg = "thread",
+    gear: GearArg = "auto",
     workers: int | None = None,
     concurrency: int | None = None,
     ordered: bool = True,
@@ -144,7 +146,7 @@ def map(  # noqa: A001 - the name is the point
     fn: Callable[[Any], Any],
     items: Iterable[Any],
     *,
-    gear: GearArg = "thread",
+    gear: GearArg = "auto",
     workers: int | None = None,
     concurrency: int | None = None,
     ordered: bool = True,
@@ -160,7 +162,9 @@ def map(  # noqa: A001 - the name is the point
 ) -> Results:
     """Run ``fn`` over ``items`` concurrently and return the results as a list.
 
-    gear:      "serial", "thread", "process", "async" (or a Gear object).
+    gear:      "auto" (measure the first items, then shift to the gear they call for; the
+               choice and its reasons are on ``report.gear`` / ``report.reasons``),
+               "serial", "thread", "process", "async" (or a Gear object).
     workers:   threads or processes, or tasks at once for "async" (alias: ``concurrency``).
     ordered:   results in input order (True) or as they complete (False).
     chunksize: "auto" sizes batches from measured task time; an int fixes it.

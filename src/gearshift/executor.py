@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import heapq
 import itertools
+import os
 import queue
 import threading
 import time
@@ -51,6 +52,9 @@ def _finish_at_exit() -> None:
 
 
 getattr(threading, "_register_atexit", atexit.register)(_finish_at_exit)
+if hasattr(os, "register_at_fork"):
+    # A forked worker inherits the set (and maybe a lock held mid-submit): it must not touch them at its exit.
+    os.register_at_fork(after_in_child=_live.clear)
 
 
 class _Star:
@@ -131,6 +135,12 @@ class Executor(_StdExecutor):
             raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
+        if gear == "auto":
+            raise ValueError(
+                "gs.Executor needs a fixed gear: its workers serve calls of any function for the whole scope, "
+                "so there is no one workload to measure; choose one with gs.advise(fn, sample).gear, "
+                "or use gs.map(fn, items) (gear='auto' by default)"
+            )
         self._gear = make_gear(gear, workers if workers is not None else concurrency)
         self._spec = RunSpec(timeout, initializer, tuple(initargs), max_tasks_per_worker)
         self._retry = as_retry(retries)

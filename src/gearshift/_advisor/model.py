@@ -161,7 +161,7 @@ def predict(
     cores = max(1, machine.cores)
     out: dict[str, Prediction] = {"serial": Prediction("serial", 1, 1, 1.0, 1.0, 0.0)}
 
-    n = workers or thread_workers(w, cores if free else 1)
+    n = workers or thread_workers(w, cores)
     if remaining is not None:
         n = max(1, min(n, remaining))
     k = _chunk(THREAD_CHUNK_TARGET, t, remaining, n)
@@ -173,7 +173,8 @@ def predict(
         t / (s + c / (cores if free else 1)), s,
     )
 
-    n = workers or cores
+    # Processes that also wait: more of them than cores keeps the cores busy (up to 4 per core).
+    n = workers or min(thread_workers(w, cores), 4 * cores)
     if remaining is not None:
         n = max(1, min(n, remaining))
     pp = m.pickle_per_item / 2  # each end pays half

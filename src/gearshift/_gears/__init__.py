@@ -26,6 +26,10 @@ def make_gear(gear: str | Gear, workers: int | None = None) -> Gear:
         return gear
     if not isinstance(gear, str):
         raise TypeError(f"gear must be a name or a Gear, got {type(gear).__name__}")
+    if gear == "auto":
+        from gearshift._gears.auto import AutoGear  # imported late: it needs the advisor, which needs the gears
+
+        return AutoGear(workers)
     try:
         cls = GEARS[gear]
     except KeyError:

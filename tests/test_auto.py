@@ -1,0 +1,196 @@
+"""gear="auto" end to end: what it shifts to on real small workloads, and that nothing is lost or run twice."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+import gearshift as gs
+from gearshift._advisor.model import Machine
+
+
+def spin(n: int) -> int:
+    """About 5 ms of pure-Python CPU work per 100k (holds the GIL)."""
+    total = 0
+    for i in range(n):
+        total += i * i
+    return total
+
+
+def nap(x: int) -> int:
+    time.sleep(0.01)
+    return x
+
+
+async def anap(x: int) -> int:
+    await asyncio.sleep(0.01)
+    return x
+
+
+BUF = b"x" * (1 << 20)
+
+
+def sha(x: int) -> str:
+    return hashlib.sha256(BUF).hexdigest()
+
+
+def spin_pid(n: int) -> int:
+    spin(n)
+    return os.getpid()
+
+
+def test_default_gear_is_auto() -> None:
+    out = gs.map(lambda x: x + 1, range(10))
+    assert out == list(range(1, 11))
+    assert "chosen by auto" in out.report.gear or "auto" in out.report.gear
+
+
+def test_pure_python_cpu_shifts_to_processes() -> None:
+    out = gs.map(spin, [60_000] * 80)
+    assert out == [spin(60_000)] * 80
+    report = out.report
+    assert report.gear.startswith("process"), (report.gear, report.reasons)
+    assert isinstance(report.advice, gs.Advice) and report.advice.gear == "process"
+    assert report.succeeded == 80 and report.items == 80
+    assert any("holds the GIL" in r for r in report.reasons), report.reasons
+
+
+def test_blocking_waits_shift_to_many_threads() -> None:
+    out = gs.map(nap, range(100))
+    assert out == list(range(100))
+    assert out.report.gear.startswith("thread"), (out.report.gear, out.report.reasons)
+    assert out.report.workers >= 16
+    assert any("waits" in r for r in out.report.reasons)
+
+
+def test_coroutine_functions_go_to_the_async_gear() -> None:
+    out = gs.map(anap, range(50))
+    assert out == list(range(50))
+    assert out.report.gear.startswith("async")
+    assert out.report.reasons[0].startswith("a coroutine function")
+
+
+def test_tiny_tasks_stay_serial() -> None:
+    n = 200_000
+    out = gs.map(lambda x: x + 1, range(n))
+    assert out[:3] == [1, 2, 3] and len(out) == n and out[-1] == n
+    assert out.report.gear.startswith("serial"), (out.report.gear, out.report.reasons)
+    assert out.report.chunksize > 100  # big batches in the caller, not one loop turn per item
+
+
+def test_tiny_tasks_from_an_endless_style_iterator_stay_serial() -> None:
+    out = gs.map(lambda x: x * 2, iter(range(50_000)))
+    assert out == [x * 2 for x in range(50_000)]
+    assert out.report.gear.startswith("serial")
+
+
+def test_gil_releasing_hashing_is_not_serial_or_async() -> None:
+    out = gs.map(sha, range(150))
+    assert len(set(out)) == 1 and len(out) == 150
+    # On a quiet machine this is "thread" (hashlib releases the GIL); on a loaded one the
+    # pair test may not show the parallelism, and processes are a fair second choice.
+    assert out.report.gear.startswith(("thread", "process")), (out.report.gear, out.report.reasons)
+
+
+def test_unpicklable_closure_never_goes_to_processes() -> None:
+    lock = threading.Lock()
+    out = gs.map(lambda n: (lock, spin(n))[1], [60_000] * 40)
+    assert out == [spin(60_000)] * 40
+    assert not out.report.gear.startswith("process"), out.report.reasons
+    assert any("cannot be pickled" in r for r in out.report.reasons)
+
+
+def test_free_threaded_build_runs_cpu_work_in_threads() -> None:
+    """On a free-threaded interpreter (injected here) pure-Python CPU work goes to threads."""
+    gear = gs.AutoGear(machine=Machine(cores=2, gil_enabled=False, start_method="fork"))
+    out = gs.map(spin, [60_000] * 60, gear=gear)
+    assert out == [spin(60_000)] * 60
+    assert out.report.gear.startswith("thread"), out.report.reasons
+    assert any("free-threaded" in r for r in out.report.reasons)
+
+
+def test_few_heavy_items_lose_no_wave() -> None:
+    """Four long CPU items: the first ones run in probe threads, the rest in processes; each once."""
+    out = gs.map(spin_pid, [3_000_000] * 4)
+    assert len(out) == 4
+    me = os.getpid()
+    pids = Counter(out)
+    assert pids[me] <= 2, out  # at most the probe's items ran here
+    assert len(pids) >= 2, out  # the others went to worker processes
+    assert out.report.gear.startswith("process")
+
+
+def test_results_are_kept_in_order_across_the_shift() -> None:
+    items = list(range(300))
+    out = gs.map(nap, items)
+    assert out == items
+    assert out.report.succeeded == 300
+
+
+def test_errors_raise_from_the_probe() -> None:
+    def bad(x: int) -> int:
+        if x == 0:
+            raise KeyError("first item")
+        return x
+
+    with pytest.raises(KeyError, match="first item"):
+        gs.map(bad, range(20))
+
+
+def test_errors_collected_through_every_phase() -> None:
+    def sometimes(x: int) -> int:
+        time.sleep(0.002)
+        if x % 7 == 3:
+            raise ValueError(x)
+        return x
+
+    out = gs.map(sometimes, range(70), errors="collect")
+    assert [r.item for r in out if isinstance(r, gs.Failure)] == [x for x in range(70) if x % 7 == 3]
+    assert [r for r in out if not isinstance(r, gs.Failure)] == [x for x in range(70) if x % 7 != 3]
+
+
+def test_timeout_on_a_probe_item() -> None:
+    def slow_first(x: int) -> int:
+        if x == 0:
+            deadline = time.monotonic() + 30
+            while not gs.cancelled() and time.monotonic() < deadline:
+                time.sleep(0.005)
+        return x
+
+    out = gs.map(slow_first, range(10), timeout=0.5, errors="collect")
+    assert isinstance(out[0], gs.Failure) and isinstance(out[0].exception, gs.TaskTimeout)
+    assert out[1:] == list(range(1, 10))
+
+
+def test_imap_break_early_leaves_nothing_running() -> None:
+    with gs.imap(nap, range(10_000)) as results:
+        first = [next(results) for _ in range(30)]
+    assert first == list(range(30))
+
+
+def test_choice_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="gearshift"):
+        gs.map(nap, range(30))
+    assert any("auto" in rec.getMessage() and "thread" in rec.getMessage() for rec in caplog.records)
+
+
+def test_auto_workers_are_passed_on() -> None:
+    out = gs.map(nap, range(40), workers=3)
+    assert out.report.gear.startswith("thread") and out.report.workers == 3
+
+
+def test_run_that_ends_while_probing_still_reports() -> None:
+    out = gs.map(nap, [1])
+    assert out == [1] and out.report.gear and out.report.reasons
+
+
+def test_executor_refuses_auto_clearly() -> None:
+    with pytest.raises(ValueError, match="fixed gear"):
+        gs.Executor(gear="auto")
