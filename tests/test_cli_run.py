@@ -115,16 +115,22 @@ def test_existing_output_needs_resume_or_overwrite(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("signum", "code", "word"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")]
+    ("signum", "code", "word", "gear"),
+    [
+        (signal.SIGINT, 130, "interrupted", "thread"),
+        (signal.SIGINT, 130, "interrupted", "process"),
+        (signal.SIGTERM, 143, "terminated", "process"),
+    ],
 )
 def test_signal_exits_130_or_143_with_a_resume_command_that_finishes_exactly_once(
-    tmp_path: Path, signum: int, code: int, word: str
+    tmp_path: Path, signum: int, code: int, word: str, gear: str
 ) -> None:
     inp, out = numbers(tmp_path / "in.jsonl", 5000), tmp_path / "out.jsonl"
-    args = ["run", "cli_funcs:square_slowly", "-i", str(inp), "-o", str(out), "--gear", "thread", "-w", "4"]
+    args = ["run", "cli_funcs:square_with_pid", "-i", str(inp), "-o", str(out), "--gear", gear, "-w", "3"]
     proc = subprocess.Popen([*GS, *args], env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_lines(str(out), 200, proc)
+        workers = {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
         proc.send_signal(signum)
         _, err = proc.communicate(timeout=30)
     finally:
@@ -133,6 +139,7 @@ def test_signal_exits_130_or_143_with_a_resume_command_that_finishes_exactly_onc
             proc.communicate()
     assert proc.returncode == code, err
     assert word in err
+    assert not pids_gone(workers), "worker processes outlived their run"
     command = next(line for line in err.splitlines() if line.startswith("to finish the run: "))
     argv = shlex.split(command.removeprefix("to finish the run: "))
     assert argv[-1] == "--resume"
