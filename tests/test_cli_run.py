@@ -301,3 +301,17 @@ def test_retries_are_recorded(tmp_path: Path) -> None:
     records = [json.loads(line) for line in done.stdout.splitlines()]
     failed = [r for r in records if "error" in r]
     assert [(r["index"], r["attempts"]) for r in failed] == [(0, 3), (7, 3)]
+
+
+def test_closed_stdout_stops_the_run_quietly(tmp_path: Path) -> None:
+    inp = numbers(tmp_path / "in.jsonl", 100_000)
+    proc = subprocess.Popen([*GS, "run", "cli_funcs:square", "-i", str(inp)], env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert json.loads(proc.stdout.readline())["index"] >= 0
+    proc.stdout.close()  # like `| head -1`
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(timeout=60) == 1
+    assert "output was closed" in err
+    assert "Traceback" not in err and "Exception ignored" not in err

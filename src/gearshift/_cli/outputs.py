@@ -45,6 +45,7 @@ class RecordWriter:
         self._pending = 0
         self._last_sync = time.monotonic()
         self.written = 0
+        self._closed = False
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(dumps(record))
@@ -62,8 +63,15 @@ class RecordWriter:
         self._last_sync = time.monotonic()
 
     def close(self) -> None:
+        """Flush and fsync what is written; safe to call twice, and on a closed pipe."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             self.sync()
+        except BrokenPipeError:
+            if not self._stdout:
+                raise
         finally:
             if not self._stdout:
                 self._file.close()

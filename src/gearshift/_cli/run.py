@@ -230,8 +230,13 @@ def run(opts: RunOptions) -> int:
                 break
     except (KeyboardInterrupt, SystemExit) as exc:
         stopped = exc
-    except MalformedInput:  # pragma: no cover - the engine collects these
-        raise
+    except BrokenPipeError:  # `gearshift run ... | head`: the reader has all it wants
+        results.close()
+        writer.close()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout at exit
+        _say("gearshift run: the output was closed; stopped")
+        return EXIT_FAILED
     except Exception as exc:
         results.close()
         writer.close()
