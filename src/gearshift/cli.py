@@ -28,9 +28,9 @@ def _fail(message: str, code: int = EXIT_USAGE) -> None:
 
 
 def _gear_choices() -> list[str]:
-    from gearshift._gears import GEARS
+    from gearshift._cli.run import GEAR_NAMES
 
-    return sorted({*GEARS, "auto"})
+    return list(GEAR_NAMES)
 
 
 def _input_format(path: str, fmt: str | None) -> Format:
@@ -157,7 +157,7 @@ def run(target: str, input_path: str, output: str, fmt: str | None, kwargs: bool
             _fail(f"--rate: {exc}")
     opts = RunOptions(
         target=target, input=input_path, output=output, fmt=the_format, kwargs=_kwargs_mode(the_format, kwargs),
-        gear=gear, workers=workers, timeout=timeout, retries=retries, rate=rate, ordered=ordered,
+        gear=gear or "auto", workers=workers, timeout=timeout, retries=retries, rate=rate, ordered=ordered,
         errors=errors,  # type: ignore[arg-type]
         progress=progress, resume=resume, echo_input=echo_input,
     )
@@ -196,16 +196,13 @@ def advise(target: str, input_path: str, fmt: str | None, kwargs: bool | None, s
     _check_input(input_path)
     the_format = _input_format(input_path, fmt)
     call = _load_target(target, _kwargs_mode(the_format, kwargs))
-    import gearshift
+    import gearshift as gs
 
-    advise_fn: Any = getattr(gearshift, "advise", None)
-    if advise_fn is None:
-        _fail("this build of gearshift has no advisor yet (gs.advise)", EXIT_FAILED)
     items = load_sample(input_path, the_format, call.kwargs, sample)
     if not items:
         _fail(f"{display_name(input_path)} holds no valid inputs to sample", EXIT_FAILED)
     total = count_inputs(input_path, the_format)
-    click.echo(str(advise_fn(call, items, total=total)))
+    click.echo(str(gs.advise(call, items, total=total)))
 
 
 @cli.command(epilog=EPILOG)

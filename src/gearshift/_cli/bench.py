@@ -84,18 +84,13 @@ def run_bench(
     echo: Callable[[str], None] | None = None,
 ) -> list[Row]:
     """Serial first (the baseline), then every gear at every worker count."""
-    from gearshift._cli.run import auto_available
-
     say = echo or (lambda text: click.echo(text, err=True))
     runs = [("serial", 1)]
     for gear in gears:
         if gear == "serial":
             continue
         if gear == "auto":
-            if auto_available():
-                runs.append(("auto", 0))
-            else:
-                say("gearshift bench: the auto gear is not available in this build; left out")
+            runs.append(("auto", 0))  # auto picks its own workers
             continue
         runs.extend((gear, n) for n in workers)
     rows: list[Row] = []

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import gearshift as gs
-from gearshift._cli.run import default_gear
 
 _BLOCK: bytes | None = None
 
@@ -63,15 +62,14 @@ class Workload:
     item: Any
     count: int
     serial_part: int  # items timed serially, to extrapolate the serial time
-    fallback: tuple[str, int | None]  # the textbook gear, when this build has no auto gear
 
 
 WORKLOADS = [
-    Workload("cpu", "pure-Python arithmetic (holds the GIL)", cpu_work, 150_000, 120, 8, ("process", None)),
-    Workload("hash", "SHA-256 of 4 MiB blocks (releases the GIL)", hash_work, 2, 60, 4, ("thread", None)),
-    Workload("sleep", "blocking waits of 50 ms (time.sleep)", sleep_work, 0.05, 400, 6, ("thread", 64)),
-    Workload("async", "awaited waits of 50 ms (asyncio.sleep)", async_work, 0.05, 2000, 6, ("async", 500)),
-    Workload("tiny", "x + 1 (far below any dispatch cost)", tiny_work, None, 200_000, 200_000, ("serial", None)),
+    Workload("cpu", "pure-Python arithmetic (holds the GIL)", cpu_work, 150_000, 120, 8),
+    Workload("hash", "SHA-256 of 4 MiB blocks (releases the GIL)", hash_work, 2, 60, 4),
+    Workload("sleep", "blocking waits of 50 ms (time.sleep)", sleep_work, 0.05, 400, 6),
+    Workload("async", "awaited waits of 50 ms (asyncio.sleep)", async_work, 0.05, 2000, 6),
+    Workload("tiny", "x + 1 (far below any dispatch cost)", tiny_work, None, 200_000, 200_000),
 ]
 
 
@@ -90,19 +88,13 @@ def run_one(w: Workload, scale: float, echo: Callable[[str], None]) -> None:
     start = time.perf_counter()
     gs.map(w.fn, items[:part], gear="serial")
     serial_est = (time.perf_counter() - start) * count / part
-    gear = default_gear()
-    workers: int | None = None
-    note = ""
-    if gear != "auto":
-        gear, workers = w.fallback
-        note = " (no auto gear in this build: the textbook gear)"
     start = time.perf_counter()
-    results = gs.map(w.fn, items, gear=gear, workers=workers)
+    results = gs.map(w.fn, items, gear="auto")
     wall = time.perf_counter() - start
     report = results.report
     estimated = "" if part == count else " (est.)"
     echo(f"{w.name:<6} {w.what}: {count:,} items")
-    echo(f"       gear: {report.gear}{note}")
+    echo(f"       gear: {report.gear}")
     for reason in report.reasons:
         echo(f"       why: {reason}")
     echo(f"       {wall:.2f}s vs serial {serial_est:.2f}s{estimated}: speedup {serial_est / wall:.1f}x")
@@ -111,7 +103,7 @@ def run_one(w: Workload, scale: float, echo: Callable[[str], None]) -> None:
 def run_demo(selected: list[str], scale: float, echo: Callable[[str], None]) -> None:
     from gearshift._gears import cpu_count
 
-    echo(f"gearshift demo: {len(selected)} workloads on {cpu_count()} cores; default gear: {default_gear()}")
+    echo(f"gearshift demo: {len(selected)} workloads on {cpu_count()} cores, each in the gear auto picks")
     start = time.perf_counter()
     for w in WORKLOADS:
         if w.name in selected:

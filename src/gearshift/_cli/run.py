@@ -8,7 +8,6 @@ applied here, where the record is written.
 
 from __future__ import annotations
 
-import functools
 import os
 import shlex
 import sys
@@ -24,7 +23,7 @@ import gearshift as gs
 from gearshift._cli.inputs import Format, Item, count_inputs, read_items
 from gearshift._cli.outputs import RecordWriter, recover
 from gearshift._cli.target import MalformedInput, make_call
-from gearshift._gears import GEARS, make_gear
+from gearshift._gears import GEARS
 from gearshift._retry import Retry
 
 EXIT_OK = 0
@@ -35,30 +34,7 @@ EXIT_INTERRUPTED = 130
 ErrorsArg = Literal["raise", "collect", "skip"]
 
 
-@functools.cache
-def auto_available() -> bool:
-    """Whether this build has the auto gear (``make_gear`` knows it, registered or not)."""
-    if "auto" in GEARS:
-        return True
-    try:
-        make_gear("auto")
-    except (ValueError, ImportError):
-        return False
-    return True
-
-
-def default_gear() -> str:
-    """``auto`` when this build has it, else ``thread`` (safe for any function)."""
-    return "auto" if auto_available() else "thread"
-
-
-def pick_gear(requested: str | None) -> tuple[str, str | None]:
-    """The gear to run and, when it differs from what was asked, a note saying why."""
-    if requested is None:
-        return default_gear(), None
-    if requested == "auto" and not auto_available():
-        return "thread", "the auto gear is not available in this build; running in the thread gear"
-    return requested, None
+GEAR_NAMES = (*GEARS, "auto")
 
 
 class _NoRetryOnMalformed(Retry):
@@ -89,7 +65,7 @@ class RunOptions:
     output: str
     fmt: Format
     kwargs: bool
-    gear: str | None
+    gear: str = "auto"
     workers: int | None = None
     timeout: float | None = None
     retries: int = 0
@@ -170,9 +146,7 @@ def record_of(value: Any, in_flight: dict[int, Item], echo_input: bool) -> tuple
 def run(opts: RunOptions) -> int:
     """Run ``opts`` and return the exit code; the summary goes to stderr."""
     call = make_call(opts.target, opts.kwargs)
-    gear, note = pick_gear(opts.gear)
-    if note:
-        _say(f"gearshift run: {note}", fg="yellow")
+    gear = opts.gear
     done: set[int] = set()
     if opts.resume:
         found = recover(opts.output)
