@@ -78,9 +78,16 @@ def read_items(
         yield item
 
 
+COUNT_LIMIT = 256 * 1024 * 1024  # bytes: larger files are not read twice just for a count
+
+
 def count_inputs(path: str, fmt: Format) -> int | None:
-    """How many inputs a file holds (its non-blank lines, less a CSV header); None for stdin."""
-    if path == "-":
+    """How many inputs a file holds (its non-blank lines, less a CSV header).
+
+    None for stdin and for files too large to read twice (the count is only for the
+    progress bar's total and the auto gear's sizing).
+    """
+    if path == "-" or not os.path.isfile(path) or os.path.getsize(path) > COUNT_LIMIT:
         return None
     count = 0
     with open(path, "rb") as stream:
