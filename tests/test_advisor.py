@@ -12,7 +12,7 @@ import pytest
 
 import gearshift as gs
 from gearshift._advisor.model import MAX_THREADS, Machine, Measurements, decide, predict, thread_workers
-from gearshift._advisor.probes import ThreadClock, overlap_scaling, wait_fraction, Window
+from gearshift._advisor.probes import ThreadClock, gil_pings, measure_scaling, scaling_from_gil, wait_fraction
 
 TWO = Machine(cores=2, gil_enabled=True, start_method="fork")
 TWO_FREE = Machine(cores=2, gil_enabled=False, start_method="fork")
@@ -132,14 +132,38 @@ def test_wait_fraction_leaves_out_time_queued_for_a_cpu() -> None:
     assert wait_fraction(0.0, 0.0, 0.0) == 0.0
 
 
-def test_overlap_scaling_arithmetic() -> None:
-    before = [Window(0.0, 0.0, 0.0, 0, 0), Window(0.0, 0.0, 0.0, 0, 0)]
-    parallel = [Window(0.1, 0.1, 0.0, 0, 0), Window(0.1, 0.1, 0.0, 0, 0)]
-    turns = [Window(0.1, 0.05, 0.0, 10, 0), Window(0.1, 0.05, 0.0, 10, 0)]
-    idle = [Window(0.1, 0.0, 0.095, 1, 1), Window(0.1, 0.1, 0.0, 0, 0)]
-    assert overlap_scaling(before, parallel) == (2.0, 0.0)
-    assert overlap_scaling(before, turns) == (1.0, 100.0)
-    assert overlap_scaling(before, idle) is None
+def test_scaling_from_gil_share() -> None:
+    assert scaling_from_gil(1.0) == 1.0
+    assert scaling_from_gil(0.0) == 2.0
+    assert scaling_from_gil(1.5) == 1.0
+
+
+def test_gil_pings_need_a_busy_thread() -> None:
+    assert gil_pings(lambda: False) is None
+
+
+def test_gil_pings_tell_held_from_released() -> None:
+    """A thread spinning in Python holds the GIL; one blocked in a C call (an Event wait) does not."""
+    stop = threading.Event()
+
+    def python_spin(_: int) -> int:
+        x = 0
+        while not stop.is_set():
+            x += 1
+        return x
+
+    def c_wait(_: int) -> bool:
+        return stop.wait(0.05)
+
+    released = 2.0 - measure_scaling(c_wait, [0])
+    spinner = threading.Thread(target=python_spin, args=(0,), name="gearshift-test-spin")
+    spinner.start()
+    try:
+        held = gil_pings(spinner.is_alive)
+    finally:
+        stop.set()
+        spinner.join()
+    assert held is not None and released < 0.4 and held > released + 0.2, (held, released)
 
 
 def test_thread_clock_reads_another_threads_cpu() -> None:

@@ -61,8 +61,9 @@ def advise(
             m.pickle_error = f"an item or its result cannot be pickled ({error})"
     cpu_bound = m.wait_fraction < 0.5
     if machine.gil_enabled and cpu_bound and not coro:
-        m.thread_scaling, m.blocks_per_s = measure_scaling(fn, items)
-    if m.picklable and cpu_bound and decide(m, machine, workers, total).gear in ("process", "serial"):
+        m.thread_scaling = measure_scaling(fn, items)
+    worth_a_trip = m.per_item > 20e-6  # below that no process can win, whatever a round trip costs
+    if m.picklable and cpu_bound and worth_a_trip and decide(m, machine, workers, total).gear in ("process", "serial"):
         # Processes are in question: replace the default costs by this machine's.
         m.startup, m.round_trip = process_round_trip(fn, items[0])
     m.probe_time = time.perf_counter() - start

@@ -69,7 +69,7 @@ class Advice:
         if m.is_coroutine:
             measured += ", coroutine function"
         if m.thread_scaling is not None:
-            measured += f", 2 threads ran {m.thread_scaling:.2f}x at once ({m.blocks_per_s:.0f} blocks/s)"
+            measured += f", holds the GIL {2 - m.thread_scaling:.0%} of the time"
         lines.append(measured)
         if not m.picklable:
             lines.append(f"  pickling: the function cannot be pickled ({m.pickle_error})")

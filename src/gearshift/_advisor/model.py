@@ -17,8 +17,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-#: Two threads that ran the function this many times "at once" release the GIL ...
-SCALING_THRESHOLD = 1.75
+#: Two threads that can run the function this many times "at once" release the GIL.
+SCALING_THRESHOLD = 1.6
 #: A gear must promise this much over serial to be worth its start-up and complexity.
 MIN_GAIN = 1.25
 #: Gears within this share of the best speedup count as equal; the cheaper one wins.
@@ -61,10 +61,9 @@ class Measurements:
     per_item: float
     wait_fraction: float = 0.0
     is_coroutine: bool = False
-    #: Calls two threads ran at once (1: they took turns, the GIL; 2: in parallel); None: not measured.
+    #: Calls two threads can run at once: 2 minus the share of its time a thread running the
+    #: function holds the GIL (1: pure Python, 2: code that releases the GIL); None: not measured.
     thread_scaling: float | None = None
-    #: How often each of those threads blocked per second (GIL hand-overs show as hundreds).
-    blocks_per_s: float = 0.0
     #: Why the function cannot go to a process ("" when it can).
     pickle_error: str = ""
     #: Seconds to pickle and unpickle one item and its result (both ends).
@@ -224,7 +223,7 @@ def decide(
     kernel = cpu_bound and not m.is_coroutine and (machine.gil_enabled and not free) and top_bound <= KERNEL_HINT_BOUND
     if kernel:
         reasons.append(
-            f"pure-Python CPU work: concurrency can at best give {top_bound:.1f}x on {machine.cores} cores; "
+            f"pure-Python CPU work: concurrency can at best give {top_bound:.1f}x here ({machine.cores} cores); "
             "a compiled kernel (Cython with nogil, NumPy, numba) could make each call many times faster "
             "and let threads run it in parallel"
         )
@@ -248,13 +247,11 @@ def _reasons(
     elif m.thread_scaling is not None and w < 0.5:
         if releases_gil(m, machine):
             out.append(
-                f"two threads ran it {m.thread_scaling:.1f}x at once: it releases the GIL, "
-                "so threads run it in parallel without pickling"
+                f"it holds the GIL only {2 - m.thread_scaling:.0%} of its time (compiled code releases it): "
+                "threads run it in parallel, without pickling"
             )
         else:
-            out.append(
-                f"two threads ran it {m.thread_scaling:.1f}x at once: it holds the GIL, so threads take turns"
-            )
+            out.append(f"it holds the GIL {2 - m.thread_scaling:.0%} of its time, so threads would take turns")
     if not m.picklable:
         out.append(f"the function cannot be pickled, so no processes: {m.pickle_error}")
     elif choice.gear in ("process", "serial") and m.pickle_per_item > 0 and w < 0.5:

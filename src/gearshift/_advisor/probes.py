@@ -12,13 +12,12 @@ a thread blocked on the GIL is neither on a CPU nor queued for one.
 
 from __future__ import annotations
 
-import contextlib
 import pickle
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,22 +41,6 @@ def machine_facts() -> Machine:
     from gearshift._gears.process import default_start_method
 
     return Machine(cores=cpu_count(), gil_enabled=gil_enabled(), start_method=default_start_method())
-
-
-#: The GIL switch interval during a two-thread test: long, so threads that take turns hand the
-#: GIL over rarely and the hand-overs' own delays (a woken thread queued for a CPU) stay small.
-TEST_SWITCH_INTERVAL = 0.02
-
-
-@contextlib.contextmanager
-def long_switch_interval() -> Iterator[None]:
-    """Lengthen ``sys.setswitchinterval`` for a two-thread test (a few tens of ms), then restore it."""
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(max(previous, TEST_SWITCH_INTERVAL))
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(previous)
 
 
 def _runq_path(native_id: int | None) -> str | None:
@@ -188,17 +171,13 @@ def time_calls(fn: Callable[[Any], Any], items: Sequence[Any], budget: float, mi
 
 # -- two threads at once ---------------------------------------------------------------------
 class Feed:
-    """Tasks for probe threads: a deque under a condition; ``stop`` ends their loops.
-
-    Threads account the time they spend idle, waiting for a task, so a watcher can tell
-    "blocked on the GIL" from "had nothing to do".
-    """
+    """Tasks for probe threads: a deque under a condition; ``stop`` ends their loops."""
 
     def __init__(self) -> None:
         self.cond = threading.Condition(threading.Lock())
         self.tasks: deque[Task] = deque()
         self.stopped = False
-        #: Threads read their run-queue delay around each call (a file read; off for the pair test).
+        #: Threads read their run-queue delay around each call (a file read; off while the caller pings).
         self.precise = True
 
     def put(self, tasks: Iterable[Task]) -> None:
@@ -206,16 +185,10 @@ class Feed:
             self.tasks.extend(tasks)
             self.cond.notify_all()
 
-    def get(self, worker: ProbeThread) -> Task | None:
+    def get(self) -> Task | None:
         with self.cond:
-            if not self.tasks and not self.stopped:
-                since = time.perf_counter()
-                worker.idle_since = since
-                worker.idle_waits += 1
-                while not self.tasks and not self.stopped:
-                    self.cond.wait()
-                worker.idle += time.perf_counter() - since
-                worker.idle_since = None
+            while not self.tasks and not self.stopped:
+                self.cond.wait()
             if self.stopped or not self.tasks:
                 return None
             return self.tasks.popleft()
@@ -242,7 +215,7 @@ class Measured:
 
 
 class ProbeThread(threading.Thread):
-    """Runs ``fn`` on tasks from a feed, one at a time, timing each; watchable from outside."""
+    """Runs ``fn`` on tasks from a feed, one at a time, timing each; its clocks readable from outside."""
 
     def __init__(
         self,
@@ -255,9 +228,6 @@ class ProbeThread(threading.Thread):
     ) -> None:
         super().__init__(name=f"gearshift-probe-{number}", daemon=True)
         self.fn, self.feed, self.done, self.spec, self.token = fn, feed, done, spec, token
-        self.idle = 0.0
-        self.idle_since: float | None = None
-        self.idle_waits = 0
         self.current: Task | None = None
         self.current_start = 0.0
         self.start_cpu = 0.0
@@ -279,7 +249,7 @@ class ProbeThread(threading.Thread):
                     self.init_error = InitializerError(f"initializer {self.spec.initializer!r} raised {exc!r}")
                     self.init_error.__cause__ = exc
                     return
-            while (task := self.feed.get(self)) is not None:
+            while (task := self.feed.get()) is not None:
                 token = CancelToken(self.token)
                 self.current_token = token
                 precise = self.feed.precise
@@ -296,82 +266,65 @@ class ProbeThread(threading.Thread):
         finally:
             close_runner()
 
-    def watch(self) -> Window:
-        """The clocks now, for measuring a window from outside."""
-        now = time.perf_counter()
-        idle = self.idle + (now - self.idle_since if self.idle_since is not None else 0.0)
-        if self.clock is None or not self.is_alive():
-            return Window(now, 0.0, idle, 0, self.idle_waits)
-        return Window(now, self.clock.busy(), idle, self.clock.switches(), self.idle_waits)
+def gil_pings(busy: Callable[[], bool], pings: int = 8) -> float | None:
+    """Share of the time a thread running the function holds the GIL, seen from the caller.
 
-
-@dataclass(frozen=True, slots=True)
-class Window:
-    """A thread's clocks at one moment: wall, busy (CPU + run queue), idle, blocks, idle blocks."""
-
-    wall: float
-    busy: float
-    idle: float
-    switches: int
-    idle_waits: int
-
-
-def overlap_scaling(before: Sequence[Window], after: Sequence[Window]) -> tuple[float, float] | None:
-    """How many calls ran at once over a window, and how often each thread blocked (per second).
-
-    Each thread's share of its non-idle time on a CPU or queued for one, summed: a thread
-    blocked on the GIL is neither, whatever the machine's load, so threads taking turns
-    sum to well below 2 and block hundreds of times a second (a forced switch every
-    ``sys.getswitchinterval()``), while code that releases the GIL sums to about 2.
-    None when the threads were idle too much of the window to tell.
+    While another thread runs the function (``busy()`` says it is inside a call), the
+    caller sleeps 1 ms, over and over, and times how long it then waits to run again,
+    leaving out its own run-queue delay (the machine's load). A thread running Python
+    code holds the GIL until forced to drop it, after ``sys.getswitchinterval()`` (5 ms);
+    code that releases the GIL (hashlib, zlib, NumPy, Cython ``nogil``) lets the caller
+    back at once. The share of pings that waited half an interval or more is the share
+    of time the GIL was held: about 1 for pure Python, about 0 for released code.
+    None when the thread was not busy for enough of the pings.
     """
-    total = 0.0
-    blocks = 0.0
-    for a, b in zip(before, after, strict=True):
-        active = (b.wall - a.wall) - (b.idle - a.idle)
-        if active < 0.01:
-            return None
-        total += min(1.0, max(0.0, b.busy - a.busy) / active)
-        blocks += max(0, (b.switches - a.switches) - (b.idle_waits - a.idle_waits)) / active
-    return min(2.0, total), blocks / len(before)
+    me = ThreadClock()
+    interval = sys.getswitchinterval()
+    held = counted = 0
+    give_up = time.perf_counter() + 0.25 + pings * interval
+    while counted < pings and time.perf_counter() < give_up:
+        if not busy():
+            time.sleep(0.001)  # between calls, or not started yet: look again
+            continue
+        w0, r0 = time.perf_counter(), me.runq()
+        time.sleep(0.001)
+        w1, r1 = time.perf_counter(), me.runq()
+        counted += 1
+        held += (w1 - w0) - 0.001 - (r1 - r0) >= interval / 2
+    return held / counted if counted >= pings // 2 else None
 
 
-def measure_scaling(fn: Callable[[Any], Any], items: Sequence[Any], window: float = 0.08) -> tuple[float, float]:
-    """Run ``fn`` in two threads at once for about ``window`` seconds: calls at once, blocks per second."""
+def scaling_from_gil(held: float) -> float:
+    """Calls two threads run at once when each holds the GIL ``held`` of its time."""
+    return 2.0 - min(1.0, max(0.0, held))
+
+
+def measure_scaling(fn: Callable[[Any], Any], items: Sequence[Any]) -> float:
+    """Run ``fn`` in a thread over the items while the caller pings: calls two threads would run at once."""
     stop = threading.Event()
-    go = threading.Barrier(3)
-    got: list[tuple[Window, Window]] = []
-    lock = threading.Lock()
+    inside = threading.Event()
 
-    def loop(offset: int) -> None:
-        clock = ThreadClock()
+    def loop() -> None:
         try:
-            go.wait()
-            first = Window(time.perf_counter(), clock.busy(), 0.0, clock.switches(), 0)
-            n = offset
+            n = 0
             while not stop.is_set():
+                inside.set()
                 call(fn, items[n % len(items)])
                 n += 1
-            last = Window(time.perf_counter(), clock.busy(), 0.0, clock.switches(), 0)
-            with lock:
-                got.append((first, last))
         finally:
+            inside.clear()
             close_runner()
 
-    threads = [threading.Thread(target=loop, args=(i,), name=f"gearshift-probe-{i}", daemon=True) for i in range(2)]
-    with long_switch_interval():
-        for thread in threads:
-            thread.start()
-        try:
-            go.wait()
-            time.sleep(window)
-        finally:
-            stop.set()
-            for thread in threads:
-                while thread.is_alive():
-                    thread.join(0.1)
-    measured = overlap_scaling([g[0] for g in got], [g[1] for g in got]) if len(got) == 2 else None
-    return measured if measured is not None else (1.0, 0.0)
+    thread = threading.Thread(target=loop, name="gearshift-probe-gil", daemon=True)
+    thread.start()
+    try:
+        inside.wait()
+        held = gil_pings(lambda: thread.is_alive() and inside.is_set())
+    finally:
+        stop.set()
+        while thread.is_alive():
+            thread.join(0.1)
+    return scaling_from_gil(1.0 if held is None else held)
 
 
 # -- pickling and a process ------------------------------------------------------------------
@@ -400,29 +353,32 @@ def fn_pickle_error(fn: Callable[..., Any]) -> str:
 
 
 def process_round_trip(fn: Callable[[Any], Any], item: Any) -> tuple[float, float]:
-    """(start-up, round trip) of one worker process, in seconds: the cost beyond the work itself.
+    """(start-up, round trip) of one worker process, in seconds: what processes cost beyond the work.
 
-    Sends the item twice, one after the other; the first includes starting the worker and
-    sending the function, the second is a steady round trip. Work time is taken out using
-    the time the worker measured for the call.
+    Sends the item twice, one after the other. The start-up is the first trip's wall time
+    beyond the second's (starting the worker, sending the function). The round trip is
+    the *caller's CPU time* for the second trip (framing, pipe, wake-ups): the part that
+    cannot overlap, since with batches queued ahead the wait for a worker is hidden.
     """
     from gearshift._gears.process import ProcessGear
 
     gear = ProcessGear(1)
     gear.open(RunSpec())
-    costs: list[float] = []
+    walls: list[float] = []
+    cpu = 0.0
     ok = False
     try:
         for index in range(2):
-            start = time.perf_counter()
+            start, c0 = time.perf_counter(), time.thread_time()
             gear.submit(Batch(fn, [Task(index, item)]))
             got: list[Outcome] = []
             while not got:
                 got = gear.collect(1.0)
                 if time.perf_counter() - start > 30:
                     raise TimeoutError("a worker process did not answer within 30 s")
-            costs.append(max(0.0, time.perf_counter() - start - got[0].elapsed))
+            walls.append(max(0.0, time.perf_counter() - start - got[0].elapsed))
+            cpu = time.thread_time() - c0
         ok = True
     finally:
         gear.close(cancel=not ok)
-    return costs[0] - costs[1], costs[1]
+    return max(0.0, walls[0] - walls[1]), cpu

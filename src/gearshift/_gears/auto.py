@@ -5,12 +5,14 @@ Phases, each a way of running the items the engine hands over:
 * ``probe``:  the first item runs in a probe thread while the caller watches its CPU
   clock. If it ends quickly the work is short: go ``serial``. If after ``WATCH`` seconds
   it still runs, its clock says whether it computes or waits: waiting shifts to threads
-  at once; computing runs the ``pair`` test. No item is run twice, no wave is lost.
+  at once; computing is pinged (below) while it runs, then shifts. The next items go to
+  the new gear while the probe item finishes: no item is run twice, no wave is lost.
 * ``serial``: the caller runs batches itself (tiny tasks never pay a hand-off), timing
   them; now and then (at doubling intervals of work) the model decides whether another
   gear pays off over the work left, start-up included.
-* ``pair``:   two probe threads run items at once for ``PAIR_WINDOW``: calls that run in
-  parallel release the GIL (threads), calls that take turns hold it (processes).
+* ``ping``:   a probe thread runs items while the caller sleeps 1 ms again and again and
+  times how long it waits for the GIL (``probes.gil_pings``): code that releases the GIL
+  goes to threads, code that holds it to processes.
 * ``shifted``: a delegate gear runs the rest; the engine reads its ``workers``,
   ``chunk_target`` and ``max_inflight()`` through this gear. Items still in probe
   threads finish there and their results are merged in.
@@ -22,6 +24,7 @@ run's ``Report`` (passed in ``RunSpec.extra["report"]``) and to the ``gearshift`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import queue
@@ -38,12 +41,11 @@ from gearshift._advisor.probes import (
     Measured,
     ProbeThread,
     ThreadClock,
-    Window,
     fn_pickle_error,
-    long_switch_interval,
+    gil_pings,
     machine_facts,
-    overlap_scaling,
     pickle_cost,
+    scaling_from_gil,
     wait_fraction,
 )
 from gearshift._cancel import CancelToken
@@ -61,8 +63,10 @@ log = logging.getLogger("gearshift")
 SHORT = 0.005
 #: Watch a long first item this long before judging it from its CPU clock.
 WATCH = 0.03
-#: Two probe threads run at once this long to tell GIL-holding from GIL-releasing work.
-PAIR_WINDOW = 0.05
+#: Work per batch while the caller pings a probe thread (enough for a dozen pings).
+PING_CHUNK = 0.1
+#: Ping rounds that find no call running before the GIL is assumed held.
+PING_TRIES = 3
 #: Work run serially before the first decision; the interval doubles after each.
 FIRST_CHECK = 0.02
 #: Slice in which the caller polls probe threads.
@@ -112,13 +116,10 @@ class AutoGear(Gear):
         self._serial_busy = 0.0  # CPU seconds of the calls run in the caller
         self._serial_runq = 0.0
         self._next_check = FIRST_CHECK
-        self._pair_start: list[Window] | None = None
-        self._pair_tries = 0
+        self._ping_tries = 0
         self._sample: tuple[Any, Any] | None = None
         self._clock: ThreadClock | None = None
         self._runq_mark = (0.0, 0.0)
-        self._pair_at = 0.0
-        self._switch: Any = None
 
     @classmethod
     def default_workers(cls) -> int:
@@ -127,7 +128,7 @@ class AutoGear(Gear):
     def max_inflight(self) -> int:
         if self._delegate is not None and self.phase in ("shifted", "serial"):
             return self._delegate.max_inflight()
-        return 4 if self.phase == "pair" else 2  # pair: 4 batches of PAIR_WINDOW of work each
+        return 2
 
     def check(self, fn: Callable[..., Any]) -> None:
         """Never fails: an unpicklable function only rules processes out."""
@@ -169,8 +170,8 @@ class AutoGear(Gear):
     def collect(self, timeout: float | None) -> list[Outcome]:
         if self.phase == "probe":
             return self._collect_probe(timeout)
-        if self.phase == "pair":
-            return self._collect_pair(timeout)
+        if self.phase == "ping":
+            return self._collect_ping(timeout)
         if self.phase == "serial":
             return self._collect_serial(timeout)
         return self._collect_shifted(timeout)
@@ -203,7 +204,7 @@ class AutoGear(Gear):
         if o.ok and self._sample is None:
             self._sample = (o.task.item, o.value)
         if o.elapsed > 0 and self.phase == "probe" and got.precise:
-            # Only calls timed alone count: in the pair test the threads slow each other down.
+            # Only calls timed alone count: while the caller pings, it takes the GIL from them.
             self._m.samples += 1
             n = self._m.samples
             self._m.per_item += (o.elapsed - self._m.per_item) / n
@@ -233,17 +234,14 @@ class AutoGear(Gear):
         deadline = time.perf_counter() + (timeout if timeout is not None else 3600.0)
         while True:
             running = self._running()
-            wake = deadline
-            if running:
-                wake = min(wake, running[0].current_start + WATCH)
-            elif not self._probes or not any(t.clock for t in self._probes):
-                wake = min(wake, time.perf_counter() + SLICE)
+            # No item started yet (the thread is starting or taking one): look again soon.
+            wake = min(deadline, running[0].current_start + WATCH if running else time.perf_counter() + SLICE)
             out = self._drain(max(1e-4, wake - time.perf_counter()))
             if out and self._m.samples:
                 if self._m.per_item < SHORT:
                     self._go_serial()
                 else:
-                    self._consider(pair_first=True)
+                    self._consider(test_gil=True)
                 return out
             running = self._running()
             if running and time.perf_counter() - running[0].current_start >= WATCH:
@@ -257,10 +255,11 @@ class AutoGear(Gear):
         assert thread.clock is not None
         elapsed = time.perf_counter() - thread.current_start
         cpu, runq = thread.clock.cpu() - thread.start_cpu, thread.clock.runq() - thread.start_runq
-        self._m.per_item = max(self._m.per_item, elapsed)
+        # Half-way through, on average: a call that has run this long will likely run as long again.
+        self._m.per_item = max(self._m.per_item, 2 * elapsed)
         self._m.wait_fraction = wait_fraction(elapsed, cpu, runq)
         self._m.samples = max(self._m.samples, 1)
-        self._consider(pair_first=True)
+        self._consider(test_gil=True)
 
     def _remaining(self) -> int:
         if self._total is not None:
@@ -268,8 +267,8 @@ class AutoGear(Gear):
         # Unknown length: the run so far predicts the run ahead (and a long item, a few waves).
         return max(self._completed, 4 * self.machine.cores if self._m.per_item >= SHORT else 1)
 
-    def _consider(self, pair_first: bool) -> None:
-        """Decide with what is measured; run the pair test first when it could change the answer."""
+    def _consider(self, test_gil: bool) -> None:
+        """Decide with what is measured; test the GIL first when its answer could change the choice."""
         m = self._m
         if self._sample is not None and m.picklable and not m.pickle_per_item:
             m.pickle_per_item, error = pickle_cost(*self._sample)
@@ -277,16 +276,59 @@ class AutoGear(Gear):
                 m.pickle_error = f"an item or its result cannot be pickled ({error})"
         remaining = self._remaining()
         decision = decide(m, self.machine, self._user_workers, remaining)
-        if pair_first and self.machine.gil_enabled and m.thread_scaling is None and m.wait_fraction < 0.5:
-            hopeful = Measurements(**{**_fields(m), "thread_scaling": 2.0, "blocks_per_s": 0.0})
+        if test_gil and self.machine.gil_enabled and m.thread_scaling is None and m.wait_fraction < 0.5:
+            hopeful = dataclasses.replace(m, thread_scaling=2.0)
             if decide(hopeful, self.machine, self._user_workers, remaining).gear != decision.gear:
-                self._go_pair()
+                if self._ping_now():
+                    self._consider(test_gil=False)
+                else:
+                    self._go_ping()
                 return
         if decision.gear == "serial":
             self._go_serial()
             self.decision = decision
             return
         self._shift(decision)
+
+    def _ping_now(self) -> bool:
+        """Ping while a probe thread is inside a call: how much of its time it holds the GIL."""
+        if not self._running():
+            return False
+        self._feed.precise = False  # calls timed while the caller pings are not clean samples
+        held = gil_pings(lambda: bool(self._running()))
+        if held is None:
+            self._ping_tries += 1
+            if self._ping_tries < PING_TRIES:
+                return False
+            held = 1.0  # could not tell: assume the GIL is held (the safe side: processes)
+        self._m.thread_scaling = scaling_from_gil(held)
+        return True
+
+    def _go_ping(self) -> None:
+        """Run items in a probe thread (fed generously) so the caller can ping it."""
+        if self.phase == "serial":
+            assert self._delegate is not None
+            self._delegate.close()
+            self._delegate = None
+            self._feed = Feed()
+            for batch in self._pending:
+                self._feed.put(batch.tasks)
+            self._pending.clear()
+        self.phase = "ping"
+        self._feed.precise = False
+        self.workers = 1
+        self.chunk_target = PING_CHUNK
+        if not any(t.is_alive() and t.feed is self._feed for t in self._probes):
+            self._start_probe()
+
+    def _collect_ping(self, timeout: float | None) -> list[Outcome]:
+        if not self._running():
+            return self._drain(min(timeout if timeout is not None else SLICE, SLICE))
+        done = self._ping_now()
+        out = self._drain(None)
+        if done:
+            self._consider(test_gil=False)
+        return out
 
     # -- serial ---------------------------------------------------------------------------
     def _go_serial(self) -> None:
@@ -340,53 +382,8 @@ class AutoGear(Gear):
             m.per_item = self._serial_wall / self._serial_n
             m.wait_fraction = wait_fraction(self._serial_wall, self._serial_busy, self._serial_runq)
             m.samples = self._serial_n
-            self._consider(pair_first=True)
+            self._consider(test_gil=True)
         return out
-
-    # -- pair -----------------------------------------------------------------------------
-    def _go_pair(self) -> None:
-        if self.phase == "serial":
-            assert self._delegate is not None
-            self._delegate.close()
-            self._delegate = None
-            self._feed = Feed()
-            for batch in self._pending:
-                self._feed.put(batch.tasks)
-            self._pending.clear()
-        self.phase = "pair"
-        self._feed.precise = False
-        self.workers = 2
-        self.chunk_target = PAIR_WINDOW  # the caller sleeps through the window: feed it enough
-        while len([t for t in self._probes if t.is_alive() and not t.feed.stopped]) < 2:
-            self._start_probe()
-        self._pair_start = None
-
-    def _collect_pair(self, timeout: float | None) -> list[Outcome]:
-        """Let both probe threads run for the window (the caller sleeps: no GIL hand-overs of its own)."""
-        live = [t for t in self._probes if t.is_alive() and t.feed is self._feed]
-        if self._pair_start is None:
-            if not all(t.clock is not None for t in live):
-                return self._drain(SLICE)
-            self._switch = long_switch_interval()
-            self._switch.__enter__()
-            self._pair_start = [t.watch() for t in live]
-            self._pair_at = time.perf_counter()
-        time.sleep(max(0.0, self._pair_at + PAIR_WINDOW - time.perf_counter()))
-        result = overlap_scaling(self._pair_start, [t.watch() for t in live])
-        self._end_switch()
-        out = self._drain(None)
-        self._pair_tries += 1
-        if result is None and self._pair_tries < 3:
-            self._pair_start = None
-            return out
-        self._m.thread_scaling, self._m.blocks_per_s = result or (1.0, 0.0)
-        self._consider(pair_first=False)
-        return out
-
-    def _end_switch(self) -> None:
-        if self._switch is not None:
-            self._switch.__exit__(None, None, None)
-            self._switch = None
 
     # -- shifted --------------------------------------------------------------------------
     def _shift(self, decision: Decision) -> None:
@@ -437,7 +434,6 @@ class AutoGear(Gear):
         self._probe_done.put(None)
 
     def close(self, cancel: bool = False) -> None:
-        self._end_switch()
         if cancel:
             self._token.cancel()
         self._feed.stop()
