@@ -194,6 +194,20 @@ def test_errors_skip_leaves_failures_unrecorded_for_a_resume(tmp_path: Path) -> 
     assert "gearshift" not in errors[0]["error"]["traceback"]  # only the user's frames
 
 
+def test_resume_with_retry_failed_runs_the_failures_again(tmp_path: Path) -> None:
+    inp, out = numbers(tmp_path / "in.jsonl", 30), tmp_path / "out.jsonl"
+    assert gs("run", "cli_funcs:fail_on_sevens", "-i", str(inp), "-o", str(out)).returncode == 0
+    assert sum("error" in r for r in read_records(str(out))) == 5
+    (tmp_path / "fixed.py").write_text("def f(x):\n    return x\n")  # the bug, fixed
+    again = gs("run", "fixed:f", "-i", str(inp), "-o", str(out), "--resume", "--retry-failed", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "dropped 5 failure records" in again.stderr and "5 inputs in" in again.stderr
+    records = read_records(str(out))
+    assert sorted(r["index"] for r in records) == list(range(30))
+    assert all(r["result"] == r["index"] for r in records)
+    assert not list(tmp_path.glob("*.gearshift-tmp"))
+
+
 @pytest.mark.parametrize(
     ("target", "expect"),
     [

@@ -116,12 +116,14 @@ def cli() -> None:
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="A progress bar on stderr (only on a terminal).")
 @click.option("--resume", is_flag=True, help="Run only the inputs that have no record in --output yet.")
+@click.option("--retry-failed", is_flag=True,
+              help="With --resume: also run again the inputs whose record is a failure (replacing it).")
 @click.option("--overwrite", is_flag=True, help="Start afresh even if --output already holds records.")
 @click.option("--echo-input/--no-echo-input", default=True, show_default=True,
               help="Copy each input into its record.")
 def run(target: str, input_path: str, output: str, fmt: str | None, kwargs: bool | None, gear: str | None,
         workers: int | None, timeout: float | None, retries: int, rate: str | None, ordered: bool, errors: str,
-        progress: bool, resume: bool, overwrite: bool, echo_input: bool) -> None:
+        progress: bool, resume: bool, retry_failed: bool, overwrite: bool, echo_input: bool) -> None:
     """Run MODULE:FUNC over every input in FILE, into a durable, resumable results file.
 
     Each record is {"index", "line", "input", "result" | "error": {"type", "message",
@@ -142,6 +144,8 @@ def run(target: str, input_path: str, output: str, fmt: str | None, kwargs: bool
         _fail(f"unknown gear {gear!r}; choose one of {', '.join(_gear_choices())}")
     if resume and output == "-":
         _fail("--resume needs an --output file (stdout cannot be read back)")
+    if retry_failed and not resume:
+        _fail("--retry-failed goes with --resume")
     if resume and overwrite:
         _fail("--resume and --overwrite contradict each other")
     if output != "-" and not resume and os.path.exists(output) and os.path.getsize(output) > 0:
@@ -159,7 +163,7 @@ def run(target: str, input_path: str, output: str, fmt: str | None, kwargs: bool
         target=target, input=input_path, output=output, fmt=the_format, kwargs=_kwargs_mode(the_format, kwargs),
         gear=gear or "auto", workers=workers, timeout=timeout, retries=retries, rate=rate, ordered=ordered,
         errors=errors,  # type: ignore[arg-type]
-        progress=progress, resume=resume, echo_input=echo_input,
+        progress=progress, resume=resume, retry_failed=retry_failed, echo_input=echo_input,
     )
     try:
         code = run_command(opts)

@@ -86,24 +86,28 @@ class Recovered:
     torn_bytes: int = 0
     bad_lines: list[int] = field(default_factory=list)
     duplicates: int = 0
+    dropped_failures: int = 0
 
 
-def recover(path: str) -> Recovered:
+def recover(path: str, drop_failures: bool = False) -> Recovered:
     """Read the records in ``path``; cut a torn (or unparsable) last line off the file.
 
     A line in the middle that does not parse cannot be ours to repair: it is reported in
-    ``bad_lines`` and its input (unknown) will be run again.
+    ``bad_lines`` and its input (unknown) will be run again. ``drop_failures`` rewrites
+    the file without its error records (into a new file, then renamed over the old one),
+    so that their inputs run again.
     """
     found = Recovered()
     if not os.path.exists(path):
         return found
     good_end = 0
     bad: list[tuple[int, int]] = []  # (line number, start offset) of unparsable lines
+    failed: set[int] = set()
     with open(path, "rb") as stream:
         offset = 0
         for number, raw in enumerate(stream, 1):
             start, offset = offset, offset + len(raw)
-            index = _index_of(raw) if raw.endswith(b"\n") else None
+            index, ok = _index_of(raw) if raw.endswith(b"\n") else (None, False)
             if index is None:
                 if raw.strip():
                     bad.append((number, start))
@@ -113,6 +117,8 @@ def recover(path: str) -> Recovered:
                 found.duplicates += 1
             found.done.add(index)
             found.records += 1
+            if not ok:
+                failed.add(index)
     size = os.path.getsize(path)
     bad = [(number, start) for number, start in bad if start < good_end]  # the tail is cut off below
     found.bad_lines = [number for number, _ in bad]
@@ -122,13 +128,41 @@ def recover(path: str) -> Recovered:
             stream.truncate(good_end)
             stream.flush()
             os.fsync(stream.fileno())
+    if drop_failures and failed:
+        _rewrite_without(path, failed)
+        found.done -= failed
+        found.records -= len(failed)
+        found.dropped_failures = len(failed)
     return found
 
 
-def _index_of(raw: bytes) -> int | None:
+def _rewrite_without(path: str, failed: set[int]) -> None:
+    """Copy ``path`` without the error records of ``failed``; a crash leaves the old file whole."""
+    tmp = f"{path}.gearshift-tmp"
+    with open(path, "rb") as src, open(tmp, "wb") as dst:
+        for raw in src:
+            index, ok = _index_of(raw)
+            if index is None or ok or index not in failed:
+                dst.write(raw)
+        dst.flush()
+        os.fsync(dst.fileno())
+    os.replace(tmp, path)
+    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def _index_of(raw: bytes) -> tuple[int | None, bool]:
+    """A record's input index (None when the line is not a record) and whether it succeeded."""
     try:
         record = json.loads(raw)
     except ValueError:
-        return None
-    index = record.get("index") if isinstance(record, dict) else None
-    return index if isinstance(index, int) and not isinstance(index, bool) else None
+        return None, False
+    if not isinstance(record, dict):
+        return None, False
+    index = record.get("index")
+    if not isinstance(index, int) or isinstance(index, bool):
+        return None, False
+    return index, "error" not in record

@@ -74,6 +74,7 @@ class RunOptions:
     errors: ErrorsArg = "collect"
     progress: bool = True
     resume: bool = False
+    retry_failed: bool = False
     echo_input: bool = True
 
 
@@ -149,12 +150,14 @@ def run(opts: RunOptions) -> int:
     gear = opts.gear
     done: set[int] = set()
     if opts.resume:
-        found = recover(opts.output)
+        found = recover(opts.output, drop_failures=opts.retry_failed)
         done = found.done
         if found.torn_bytes:
             _say(f"gearshift run: cut a torn last line ({found.torn_bytes} bytes) off {opts.output}", fg="yellow")
         for number in found.bad_lines:
             _say(f"gearshift run: {opts.output}:{number}: not a record, ignored", fg="yellow")
+        if found.dropped_failures:
+            _say(f"gearshift run: dropped {found.dropped_failures} failure records, to run those inputs again")
         if found.duplicates:
             _say(f"gearshift run: {opts.output} holds {found.duplicates} duplicate records", fg="yellow")
         _say(f"gearshift run: resuming, {len(done)} inputs already have a record in {opts.output}")
