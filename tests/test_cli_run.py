@@ -329,3 +329,25 @@ def test_closed_stdout_stops_the_run_quietly(tmp_path: Path) -> None:
     assert proc.wait(timeout=60) == 1
     assert "output was closed" in err
     assert "Traceback" not in err and "Exception ignored" not in err
+
+
+def test_input_is_streamed_not_read_whole(tmp_path: Path) -> None:
+    """Records appear while stdin is still open: the run does not wait for the whole input."""
+    out = tmp_path / "out.jsonl"
+    # A 2 ms function keeps batches at one item: a fast one would wait for a batch of lines to arrive.
+    args = ["run", "cli_funcs:square_slowly", "-i", "-", "-o", str(out), "--gear", "thread", "-w", "1"]
+    quiet = subprocess.DEVNULL
+    proc = subprocess.Popen([*GS, *args], env=cli_env(), stdin=subprocess.PIPE, stdout=quiet, stderr=quiet)
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(b"".join(b"%d\n" % i for i in range(20)))
+        proc.stdin.flush()
+        wait_for_lines(str(out), 10, proc, timeout=30)  # stdin is still open
+        proc.stdin.write(b"20\n21\n")
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert sorted(r["index"] for r in read_records(str(out))) == list(range(22))
