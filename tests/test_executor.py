@@ -271,3 +271,37 @@ def test_work_submitted_before_exit_still_runs(gear: str, tmp_path: Path) -> Non
     env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parent)}
     subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=PATIENCE)
     assert ran_files(str(tmp_path)) == {1}
+
+
+def test_process_workers_leave_promptly_when_forked_under_the_executor_lock() -> None:
+    """A worker forked while the caller held the executor's lock (mid-submit) must not run the
+    executor's exit hook on that inherited, locked state at its own exit: it would hang until the
+    gear SIGKILLs it after a 5 s grace. Deterministic: hold the lock while a crashed worker is replaced."""
+    ex = gs.Executor("process", workers=2)
+    crashed = ex.submit(exit_on, 2)
+    with ex._lock:  # the replacement worker is forked before `crashed` is settled
+        assert isinstance(crashed.exception(timeout=PATIENCE), gs.WorkerCrashed)
+    assert ex.submit(square, 3).result(timeout=PATIENCE) == 9
+    start = time.monotonic()
+    ex.shutdown(wait=True)
+    assert time.monotonic() - start < 4.0, "workers were killed after the grace period instead of leaving"
+
+
+@pytest.mark.parametrize("gear", ["thread", "process"])
+def test_interrupted_shutdown_does_not_wait_again_at_exit(gear: str, tmp_path: Path) -> None:
+    """Ctrl-C during shutdown(wait=True) on a call that never ends: the interpreter still exits."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = (
+        "import os, signal, threading, gearshift as gs, helpers\n"
+        f"ex = gs.Executor({gear!r}, workers=2)\n"
+        f"ex.submit(helpers.zero_free, {str(tmp_path / 'never')!r}, 1)\n"
+        "threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()\n"
+        "ex.shutdown(wait=True)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, timeout=PATIENCE, capture_output=True, text=True)
+    assert out.returncode in (-signal.SIGINT, 130) and "KeyboardInterrupt" in out.stderr

@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor as _StdExecutor
 from concurrent.futures import Future
+from types import TracebackType
 from typing import Any
 
 from gearshift._gears import Gear, make_gear
@@ -217,8 +218,19 @@ class Executor(_StdExecutor):
             self._inbox.put((_STOP, cancel_futures))
             self._gear.wake()
         if wait:
-            while thread.is_alive():
-                thread.join(0.1)  # in slices: the main thread keeps receiving signals
+            try:
+                while thread.is_alive():
+                    thread.join(0.1)  # in slices: the main thread keeps receiving signals
+            except BaseException:
+                self._terminate_at_exit = True  # interrupted (Ctrl-C): exit must not wait again
+                raise
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        if exc_type is not None and not issubclass(exc_type, Exception):
+            self._terminate_at_exit = True  # leaving on Ctrl-C/SystemExit: exit must not wait
+        return super().__exit__(exc_type, exc, tb)
 
     def terminate(self) -> None:
         """Stop now: cancel pending futures, kill workers; running futures fail."""
