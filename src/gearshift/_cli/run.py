@@ -162,8 +162,16 @@ def run(opts: RunOptions) -> int:
             _say(f"gearshift run: {opts.output} holds {found.duplicates} duplicate records", fg="yellow")
         _say(f"gearshift run: resuming, {len(done)} inputs already have a record in {opts.output}")
 
+    bar = opts.progress and sys.stderr.isatty()
+
     def on_malformed(message: str) -> None:
-        _say(f"gearshift run: {message}", fg="red")
+        text = f"gearshift run: {message}"
+        if bar:  # above the progress bar, not through it
+            from tqdm import tqdm
+
+            tqdm.write(click.style(text, fg="red"), file=sys.stderr)
+        else:
+            _say(text, fg="red")
 
     in_flight: dict[int, Item] = {}  # the line and input of each running item (a bounded window)
 
