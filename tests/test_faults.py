@@ -333,3 +333,10 @@ def test_no_worker_survives_a_fault_run() -> None:
         [p for p in me.children(recursive=True) if "forkserver" not in " ".join(p.cmdline())], timeout=5
     )
     assert not alive
+
+
+@pytest.mark.parametrize("gear", ["async", "thread"])
+def test_pool_map_awaits_a_coroutine_function_in_chunks(gear: str) -> None:
+    """Regression: chunked calls of an async function returned unawaited coroutines."""
+    with gs.Pool(2, gear=gear) as pool:
+        assert pool.map(partial(fl.asleep_on, frozenset()), range(10), chunksize=3) == [2 * i for i in range(10)]

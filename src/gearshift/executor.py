@@ -101,6 +101,20 @@ class _Chunk:
         self.fn = fn
 
 
+class _AsyncChunk(_Chunk):
+    """``_Chunk`` for a coroutine function: awaited in the async gear, not returned unawaited."""
+
+    __slots__ = ()
+
+    async def __call__(self, chunk: list[tuple[Any, ...]]) -> list[Any]:  # type: ignore[override]
+        return [await self.fn(*args) for args in chunk]
+
+
+def chunk_runner(fn: Callable[..., Any]) -> _Chunk:
+    """The chunk wrapper for ``fn``, async when ``fn`` is."""
+    return _AsyncChunk(fn) if is_async_callable(fn) else _Chunk(fn)
+
+
 def _chunks(chunksize: int, iterables: tuple[Iterable[Any], ...]) -> Iterator[list[tuple[Any, ...]]]:
     it = zip(*iterables, strict=False)
     while chunk := list(itertools.islice(it, chunksize)):
@@ -206,7 +220,7 @@ class Executor(_StdExecutor):
             raise ValueError("chunksize must be >= 1.")
         if chunksize == 1:
             return super().map(fn, *iterables, timeout=timeout, **kwargs)
-        chunked = super().map(_Chunk(fn), _chunks(chunksize, iterables), timeout=timeout, **kwargs)
+        chunked = super().map(chunk_runner(fn), _chunks(chunksize, iterables), timeout=timeout, **kwargs)
         return itertools.chain.from_iterable(chunked)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -229,7 +243,11 @@ class Executor(_StdExecutor):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool | None:
         if exc_type is not None and not issubclass(exc_type, Exception):
-            self._terminate_at_exit = True  # leaving on Ctrl-C/SystemExit: exit must not wait
+            # Leaving on Ctrl-C/SystemExit: the caller wants out now, not when the running calls
+            # end (they may never): cancel, set thread tokens, stop workers, within a grace period.
+            self._terminate_at_exit = True
+            self.terminate()
+            return None
         return super().__exit__(exc_type, exc, tb)
 
     def terminate(self) -> None:

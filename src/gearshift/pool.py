@@ -16,7 +16,7 @@ from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import Any
 
 from gearshift._gears import Gear
-from gearshift.executor import Executor, _Chunk
+from gearshift.executor import Executor, chunk_runner
 
 __all__ = ["AsyncResult", "Pool"]
 
@@ -168,7 +168,7 @@ class Pool:
         self._check_running()
         calls = [tuple(args) if star else (args,) for args in iterable]
         size = self._chunksize(len(calls), chunksize)
-        runner = _Chunk(func)
+        runner = chunk_runner(func)
         return [self._executor.submit(runner, calls[i : i + size]) for i in range(0, len(calls), size)]
 
     def map(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int | None = None) -> list[Any]:
@@ -214,7 +214,7 @@ class Pool:
     def _imap(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int, ordered: bool) -> Iterator[Any]:
         if chunksize < 1:
             raise ValueError(f"chunksize must be >= 1, got {chunksize}")
-        runner = _Chunk(func)
+        runner = chunk_runner(func)
         args = ((item,) for item in iterable)
         window = 4 * self.workers
         inflight: deque[Future[Any]] = deque()
