@@ -325,12 +325,21 @@ def test_ten_thousand_items_with_one_percent_failures(gear: str) -> None:
     assert results.report.succeeded == 9_900 and results.report.failed == 100
 
 
+def _mp_helper(proc: psutil.Process) -> bool:
+    """multiprocessing's own long-lived helpers (3.14's forkserver, the resource tracker)."""
+    try:
+        cmd = " ".join(proc.cmdline())
+    except psutil.Error:
+        return True
+    return "forkserver" in cmd or "resource_tracker" in cmd
+
+
 def test_no_worker_survives_a_fault_run() -> None:
     """Belt and braces beside the autouse fixture: psutil sees no child after a crashy run."""
     gs.map(partial(fl.crash_on, "exit", frozenset({1, 4})), range(8), gear="process", workers=2, errors="skip")
     me = psutil.Process(os.getpid())
     _, alive = psutil.wait_procs(
-        [p for p in me.children(recursive=True) if "forkserver" not in " ".join(p.cmdline())], timeout=5
+        [p for p in me.children(recursive=True) if not _mp_helper(p)], timeout=5
     )
     assert not alive
 
@@ -340,3 +349,33 @@ def test_pool_map_awaits_a_coroutine_function_in_chunks(gear: str) -> None:
     """Regression: chunked calls of an async function returned unawaited coroutines."""
     with gs.Pool(2, gear=gear) as pool:
         assert pool.map(partial(fl.asleep_on, frozenset()), range(10), chunksize=3) == [2 * i for i in range(10)]
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="SIGALRM needs POSIX")
+def test_serial_timeout_stops_a_pure_python_cpu_loop() -> None:
+    results = gs.map(partial(fl.spin_on, frozenset({0})), range(3), gear="serial", timeout=0.3, errors="collect")
+    assert_only_failed(results, {0}, gs.TaskTimeout)
+
+
+def test_amap_timeout_cancels_tasks_on_the_callers_loop() -> None:
+    _async_cancelled.clear()
+
+    async def main() -> list[Any]:
+        return [r async for r in gs.amap(_acancellable, range(4), timeout=0.3, errors="collect")]
+
+    results = asyncio.run(main())
+    assert_only_failed(results, {1}, gs.TaskTimeout)
+    assert _async_cancelled.is_set()
+
+
+def test_amap_system_exit_in_a_task_reaches_the_caller() -> None:
+    async def leave(x: int) -> int:
+        if x == 2:
+            raise SystemExit(2)
+        return x
+
+    async def main() -> list[Any]:
+        return [r async for r in gs.amap(leave, range(5), errors="collect")]
+
+    with pytest.raises(SystemExit):
+        asyncio.run(main())

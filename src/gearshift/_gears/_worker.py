@@ -46,14 +46,24 @@ def _watch_parent(parent: int) -> None:
     ppid = os.getppid()
     while True:
         time.sleep(0.5)
-        if os.getppid() != ppid:
+        if os.getppid() != ppid or not _alive(parent):
             os._exit(1)
-        try:
-            os.kill(parent, 0)
-        except ProcessLookupError:
-            os._exit(1)
-        except PermissionError:
-            pass
+
+
+def _alive(pid: int) -> bool:
+    """True unless ``pid`` is gone or a zombie (dead, its exit not yet collected by its parent)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:  # Linux: a killed parent is a zombie until reaped
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in (b"Z", b"X")
 
 
 def _pack_results(bid: int, results: list[tuple[bool, Any, str, float]]) -> bytes:
