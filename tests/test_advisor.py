@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import threading
 import time
 from typing import Any
@@ -139,11 +140,11 @@ def test_scaling_from_gil_share() -> None:
 
 
 def test_gil_pings_need_a_busy_thread() -> None:
-    assert gil_pings(lambda: False) is None
+    assert gil_pings(lambda: False, lambda: 0.0) is None
 
 
 def test_gil_pings_tell_held_from_released() -> None:
-    """A thread spinning in Python holds the GIL; one blocked in a C call (an Event wait) does not."""
+    """A thread spinning in Python holds the GIL; one hashing a large buffer (hashlib releases it) does not."""
     stop = threading.Event()
 
     def python_spin(_: int) -> int:
@@ -152,14 +153,16 @@ def test_gil_pings_tell_held_from_released() -> None:
             x += 1
         return x
 
-    def c_wait(_: int) -> bool:
-        return stop.wait(0.05)
+    buffer = b"x" * (1 << 20)
 
-    released = 2.0 - measure_scaling(c_wait, [0])
+    def hashing(_: int) -> bytes:
+        return hashlib.sha256(buffer).digest()
+
+    released = 2.0 - measure_scaling(hashing, [0], budget=3.0)  # generous: the machine may be busy
     spinner = threading.Thread(target=python_spin, args=(0,), name="gearshift-test-spin")
     spinner.start()
     try:
-        held = gil_pings(spinner.is_alive)
+        held = gil_pings(spinner.is_alive, ThreadClock(spinner).cpu, budget=3.0)
     finally:
         stop.set()
         spinner.join()

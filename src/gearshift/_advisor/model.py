@@ -223,9 +223,9 @@ def decide(
     kernel = cpu_bound and not m.is_coroutine and (machine.gil_enabled and not free) and top_bound <= KERNEL_HINT_BOUND
     if kernel:
         reasons.append(
-            f"pure-Python CPU work: concurrency can at best give {top_bound:.1f}x here ({machine.cores} cores); "
-            "a compiled kernel (Cython with nogil, NumPy, numba) could make each call many times faster "
-            "and let threads run it in parallel"
+            f"CPU work that holds the GIL: concurrency can at best give {top_bound:.1f}x here ({machine.cores} cores); "
+            "a compiled kernel that releases it (Cython with nogil, NumPy, numba) could make each call many times "
+            "faster and let threads run it in parallel"
         )
     return Decision(choice.gear, choice.workers, choice.chunksize, choice.speedup, choice.bound, preds, reasons, kernel)
 

@@ -266,31 +266,41 @@ class ProbeThread(threading.Thread):
         finally:
             close_runner()
 
-def gil_pings(busy: Callable[[], bool], pings: int = 8) -> float | None:
+def gil_pings(
+    busy: Callable[[], bool], cpu: Callable[[], float], pings: int = 8, budget: float = 0.15
+) -> float | None:
     """Share of the time a thread running the function holds the GIL, seen from the caller.
 
-    While another thread runs the function (``busy()`` says it is inside a call), the
-    caller sleeps 1 ms, over and over, and times how long it then waits to run again,
+    While another thread runs the function (``busy()``: in a call or about to start one),
+    the caller sleeps 1 ms, over and over, and times how long it then waits to run again,
     leaving out its own run-queue delay (the machine's load). A thread running Python
-    code holds the GIL until forced to drop it, after ``sys.getswitchinterval()`` (5 ms);
-    code that releases the GIL (hashlib, zlib, NumPy, Cython ``nogil``) lets the caller
-    back at once. The share of pings that waited half an interval or more is the share
-    of time the GIL was held: about 1 for pure Python, about 0 for released code.
-    None when the thread was not busy for enough of the pings.
+    code holds the GIL until forced to drop it, after ``sys.getswitchinterval()`` (5 ms),
+    and a compiled call that keeps the GIL holds it until it returns; code that releases
+    the GIL (hashlib, zlib, NumPy, Cython ``nogil``) lets the caller back at once. The
+    share of pings that waited 0.5 ms or more is the share of time the GIL was held:
+    about 1 for pure Python, about 0 for released code. A ping counts only if the thread
+    ran (``cpu()``, its CPU clock, moved for half the ping): on a busy machine a thread
+    queued for a CPU holds nothing. (A compiled call that keeps the GIL for well under a
+    millisecond looks released: its threads would gain little either way.)
+    None when too few pings counted within ``budget`` seconds.
     """
     me = ThreadClock()
-    interval = sys.getswitchinterval()
+    # A wait this long means the GIL was held: released code lets the caller in within ~0.1 ms;
+    # Python code holds it a full interval; a compiled call that keeps it, until it returns.
+    threshold = min(sys.getswitchinterval() / 2, 0.0005)
     held = counted = 0
-    give_up = time.perf_counter() + 0.25 + pings * interval
+    give_up = time.perf_counter() + budget
     while counted < pings and time.perf_counter() < give_up:
         if not busy():
-            time.sleep(0.001)  # between calls, or not started yet: look again
+            time.sleep(0.001)  # not started yet: look again
             continue
-        w0, r0 = time.perf_counter(), me.runq()
+        w0, r0, c0 = time.perf_counter(), me.runq(), cpu()
         time.sleep(0.001)
-        w1, r1 = time.perf_counter(), me.runq()
+        w1, r1, c1 = time.perf_counter(), me.runq(), cpu()
+        if c1 - c0 < 0.5 * (w1 - w0):
+            continue  # the thread hardly ran (queued for a CPU, or between calls): no evidence
         counted += 1
-        held += (w1 - w0) - 0.001 - (r1 - r0) >= interval / 2
+        held += (w1 - w0) - 0.001 - (r1 - r0) >= threshold
     return held / counted if counted >= pings // 2 else None
 
 
@@ -299,7 +309,7 @@ def scaling_from_gil(held: float) -> float:
     return 2.0 - min(1.0, max(0.0, held))
 
 
-def measure_scaling(fn: Callable[[Any], Any], items: Sequence[Any]) -> float:
+def measure_scaling(fn: Callable[[Any], Any], items: Sequence[Any], budget: float = 0.15) -> float:
     """Run ``fn`` in a thread over the items while the caller pings: calls two threads would run at once."""
     stop = threading.Event()
     inside = threading.Event()
@@ -319,7 +329,8 @@ def measure_scaling(fn: Callable[[Any], Any], items: Sequence[Any]) -> float:
     thread.start()
     try:
         inside.wait()
-        held = gil_pings(lambda: thread.is_alive() and inside.is_set())
+        clock = ThreadClock(thread)
+        held = gil_pings(lambda: thread.is_alive() and inside.is_set(), clock.cpu, budget=budget)
     finally:
         stop.set()
         while thread.is_alive():

@@ -295,14 +295,25 @@ class AutoGear(Gear):
         if not self._running():
             return False
         self._feed.precise = False  # calls timed while the caller pings are not clean samples
-        held = gil_pings(lambda: bool(self._running()))
+        held = gil_pings(self._has_work, self._probe_cpu)
         if held is None:
             self._ping_tries += 1
-            if self._ping_tries < PING_TRIES:
-                return False
+            if self._ping_tries < PING_TRIES and not self._running():
+                return False  # nothing was running: ping when something is
             held = 1.0  # could not tell: assume the GIL is held (the safe side: processes)
         self._m.thread_scaling = scaling_from_gil(held)
         return True
+
+    def _has_work(self) -> bool:
+        """A probe thread is in a call or about to start one (the caller's holding the GIL may stop it)."""
+        feed = self._feed
+        return any(
+            t.is_alive() and t.expired is None and (t.current is not None or (t.feed is feed and bool(feed.tasks)))
+            for t in self._probes
+        )
+
+    def _probe_cpu(self) -> float:
+        return sum(t.clock.cpu() for t in self._probes if t.clock is not None and t.is_alive())
 
     def _go_ping(self) -> None:
         """Run items in a probe thread (fed generously) so the caller can ping it."""
