@@ -250,3 +250,8 @@ async def apark_on(folder: str, bad: frozenset[int], x: int) -> int:
         write_atomic(Path(folder) / f"{x}.pid", str(os.getpid()))
         await asyncio.sleep(FOREVER)
     return 2 * x
+
+
+def sigterm_is_default(x: int) -> bool:
+    """In a worker: does SIGTERM still kill at once (so the parent can stop it without a grace)?"""
+    return signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

@@ -379,3 +379,14 @@ def test_amap_system_exit_in_a_task_reaches_the_caller() -> None:
 
     with pytest.raises(SystemExit):
         asyncio.run(main())
+
+
+def test_process_workers_die_on_sigterm_even_when_the_parent_handles_it() -> None:
+    """The engine turns SIGTERM into SystemExit in the caller; a forked worker must not inherit
+    that handler, or stopping it would fail an item and wait out the kill grace instead."""
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        assert gs.map(fl.sigterm_is_default, range(4), gear="process", workers=2) == [True] * 4
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert gs.map(fl.sigterm_is_default, range(4), gear="process", workers=2) == [True] * 4

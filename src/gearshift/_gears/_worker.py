@@ -85,6 +85,9 @@ def _pack_results(bid: int, results: list[tuple[bool, Any, str, float]]) -> byte
 
 def main(conn: Any, tags: Any, starts: Any, wid: int, parent: int, init: bytes | None, max_tasks: int | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    # SIGTERM is how the parent stops us: a handler inherited through fork (the engine's, which
+    # raises SystemExit, or the program's own) would turn it into a failed item and cost a 1 s grace.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="gearshift-watch").start()
     from gearshift._task import call  # after fork, so a forkserver preload stays light
 
