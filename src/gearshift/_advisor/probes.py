@@ -340,18 +340,21 @@ def measure_scaling(fn: Callable[[Any], Any], items: Sequence[Any], budget: floa
 
 # -- pickling and a process ------------------------------------------------------------------
 def pickle_cost(item: Any, result: Any) -> tuple[float, str]:
-    """Seconds to pickle and unpickle an item and its result (both ends); an error message if one cannot be."""
-    start = time.perf_counter()
-    try:
-        for value in (item, result):
-            try:
-                data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-            except Exception:
-                data = cloudpickle.dumps(value)
-            pickle.loads(data)
-    except Exception as exc:
-        return 0.0, f"{type(exc).__name__}: {exc}"
-    return time.perf_counter() - start, ""
+    """Seconds to pickle and unpickle an item and its result (both ends; best of three); an error if one cannot be."""
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        try:
+            for value in (item, result):
+                try:
+                    data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+                except Exception:
+                    data = cloudpickle.dumps(value)
+                pickle.loads(data)
+        except Exception as exc:
+            return 0.0, f"{type(exc).__name__}: {exc}"
+        best = min(best, time.perf_counter() - start)
+    return best, ""
 
 
 def fn_pickle_error(fn: Callable[..., Any]) -> str:
