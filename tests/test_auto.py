@@ -118,7 +118,7 @@ def test_free_threaded_build_runs_cpu_work_in_threads() -> None:
 
 def test_few_heavy_items_lose_no_wave() -> None:
     """Four long CPU items: the first ones run in probe threads, the rest in processes; each once."""
-    out = gs.map(spin_pid, [3_000_000] * 4)
+    out = gs.map(spin_pid, [6_000_000] * 4)  # long enough that even a forkserver start (3.14) pays
     assert len(out) == 4
     me = os.getpid()
     pids = Counter(out)

@@ -117,6 +117,7 @@ class AutoGear(Gear):
         self._serial_runq = 0.0
         self._next_check = FIRST_CHECK
         self._ping_tries = 0
+        self._watch = WATCH
         self._sample: tuple[Any, Any] | None = None
         self._clock: ThreadClock | None = None
         self._runq_mark = (0.0, 0.0)
@@ -235,7 +236,8 @@ class AutoGear(Gear):
         while True:
             running = self._running()
             # No item started yet (the thread is starting or taking one): look again soon.
-            wake = min(deadline, running[0].current_start + WATCH if running else time.perf_counter() + SLICE)
+            watch_at = running[0].current_start + self._watch if running else time.perf_counter() + SLICE
+            wake = min(deadline, watch_at)
             out = self._drain(max(1e-4, wake - time.perf_counter()))
             if out and self._m.samples:
                 if self._m.per_item < SHORT:
@@ -244,14 +246,19 @@ class AutoGear(Gear):
                     self._consider(test_gil=True)
                 return out
             running = self._running()
-            if running and time.perf_counter() - running[0].current_start >= WATCH:
+            if running and time.perf_counter() - running[0].current_start >= self._watch:
                 self._judge_running(running[0])
                 return out
             if out or time.perf_counter() >= deadline:
                 return out
 
     def _judge_running(self, thread: ProbeThread) -> None:
-        """The first item is long: judge it from its clocks so far (its time is a lower bound)."""
+        """The first item is long: judge it from its clocks so far.
+
+        If it does not yet justify a shift (its time so far is only a lower bound), keep
+        watching it and judge again when it has run twice as long: never settle for serial
+        while a call of unknown length is still running.
+        """
         assert thread.clock is not None
         elapsed = time.perf_counter() - thread.current_start
         cpu, runq = thread.clock.cpu() - thread.start_cpu, thread.clock.runq() - thread.start_runq
@@ -259,7 +266,8 @@ class AutoGear(Gear):
         self._m.per_item = max(self._m.per_item, 2 * elapsed)
         self._m.wait_fraction = wait_fraction(elapsed, cpu, runq)
         self._m.samples = max(self._m.samples, 1)
-        self._consider(test_gil=True)
+        self._watch = 2 * elapsed
+        self._consider(test_gil=True, running_long=True)
 
     def _remaining(self) -> int:
         if self._total is not None:
@@ -267,7 +275,7 @@ class AutoGear(Gear):
         # Unknown length: the run so far predicts the run ahead (and a long item, a few waves).
         return max(self._completed, 4 * self.machine.cores if self._m.per_item >= SHORT else 1)
 
-    def _consider(self, test_gil: bool) -> None:
+    def _consider(self, test_gil: bool, running_long: bool = False) -> None:
         """Decide with what is measured; test the GIL first when its answer could change the choice."""
         m = self._m
         if self._sample is not None and m.picklable and not m.pickle_per_item:
@@ -280,11 +288,13 @@ class AutoGear(Gear):
             hopeful = dataclasses.replace(m, thread_scaling=2.0)
             if decide(hopeful, self.machine, self._user_workers, remaining).gear != decision.gear:
                 if self._ping_now():
-                    self._consider(test_gil=False)
+                    self._consider(test_gil=False, running_long=running_long)
                 else:
                     self._go_ping()
                 return
         if decision.gear == "serial":
+            if running_long and self.phase == "probe":
+                return  # judged again later (see _judge_running)
             self._go_serial()
             self.decision = decision
             return
