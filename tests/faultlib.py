@@ -255,3 +255,11 @@ async def apark_on(folder: str, bad: frozenset[int], x: int) -> int:
 def sigterm_is_default(x: int) -> bool:
     """In a worker: does SIGTERM still kill at once (so the parent can stop it without a grace)?"""
     return signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def park_stubborn(folder: str, bad: frozenset[int], x: int) -> int:
+    """``park_on`` that never checks gs.cancelled(): a thread nobody can stop."""
+    if x in bad:
+        write_atomic(Path(folder) / f"{x}.pid", str(os.getpid()))
+        time.sleep(FOREVER)
+    return 2 * x

@@ -390,3 +390,13 @@ def test_process_workers_die_on_sigterm_even_when_the_parent_handles_it() -> Non
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert gs.map(fl.sigterm_is_default, range(4), gear="process", workers=2) == [True] * 4
+
+
+def test_async_gear_warns_about_a_blocking_call_that_outlives_its_timeout() -> None:
+    _release.clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="ignore gs.cancelled"):
+            results = gs.map(_uncooperative, range(3), gear="async", timeout=0.2, errors="collect")
+        assert_only_failed(results, {0}, gs.TaskTimeout)
+    finally:
+        _release.set()

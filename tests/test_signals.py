@@ -37,7 +37,10 @@ gear, folder, mode, fast, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(s
 # More blocking items than workers: a process worker may hold one queued behind its own.
 blocking = frozenset(range(fast, fast + 3 * workers))
 items = range(fast + 3 * workers)
-fn = partial(fl.apark_on if gear == "async" else fl.park_on, folder, blocking)
+if mode == "stubborn":  # a blocking function that ignores gs.cancelled()
+    fn, mode = partial(fl.park_stubborn, folder, blocking), "map"
+else:
+    fn = partial(fl.apark_on if gear == "async" else fl.park_on, folder, blocking)
 
 # "ready" needs the fast items' results in the scheduler, so partial_results is deterministic.
 fast_done = threading.Event()
@@ -188,3 +191,20 @@ def test_workers_leave_when_their_parent_is_killed(tmp_path: Path) -> None:
         assert_all_gone(family)  # the forkserver and resource tracker (3.14) follow
     finally:
         child.close()
+
+
+@pytest.mark.parametrize("gear", ["thread", "async"])
+def test_ctrl_c_with_a_thread_that_ignores_cancellation_still_exits(gear: str, tmp_path: Path) -> None:
+    """The stuck thread is waited for briefly, warned about, and does not keep the child alive."""
+    child, family = start(tmp_path, gear, "stubborn")
+    try:
+        sent = time.monotonic()
+        os.kill(child.pid, signal.SIGINT)
+        child.expect("interrupted", timeout=60)
+        took = time.monotonic() - sent
+        code, _, err = child.finish()
+    finally:
+        child.close()
+    assert took < PROMPT, f"KeyboardInterrupt took {took:.1f}s"
+    assert code == 130, err
+    assert_all_gone(family)

@@ -17,12 +17,13 @@ import inspect
 import queue
 import threading
 import time
+import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from gearshift._cancel import CancelToken, bind_token
 from gearshift._gears._base import Gear
+from gearshift._gears._blocking import DaemonThreadPool
 from gearshift._task import Batch, Outcome, RunSpec, Task, format_tb
 from gearshift.errors import InitializerError, TaskTimeout
 
@@ -63,7 +64,7 @@ class AsyncGear(Gear):
         self._done: queue.SimpleQueue[list[Outcome] | None] = queue.SimpleQueue()
         self._native_done: list[Outcome] = []
         self._native_event: asyncio.Event | None = None
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: DaemonThreadPool | None = None
         self._spec = RunSpec()
         self._token = CancelToken()
         self._is_async: dict[int, bool] = {}
@@ -85,7 +86,7 @@ class AsyncGear(Gear):
     def open(self, spec: RunSpec) -> None:
         self._spec = spec
         self._token = CancelToken()
-        self._pool = ThreadPoolExecutor(max_workers=min(self.workers, 256), thread_name_prefix="gearshift-async")
+        self._pool = DaemonThreadPool(max_workers=min(self.workers, 256), thread_name_prefix="gearshift-async")
         if spec.initializer is not None:
             try:
                 spec.initializer(*spec.initargs)
@@ -255,7 +256,17 @@ class AsyncGear(Gear):
             while self._thread.is_alive() and (not cancel or time.monotonic() < deadline):
                 self._thread.join(0.05)  # in slices: the main thread keeps receiving signals
         if self._pool is not None:
-            self._pool.shutdown(wait=not cancel, cancel_futures=True)
+            # Only timed-out (or cancelled) blocking calls can still run: give them a grace period.
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            stuck = self._pool.join(CANCEL_GRACE)
+            if stuck:
+                warnings.warn(
+                    f"gearshift: {len(stuck)} thread(s) of the async gear did not stop within {CANCEL_GRACE}s "
+                    f"of cancellation ({', '.join(stuck)}); their functions ignore gs.cancelled() and "
+                    "will finish on their own",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         self._reset()
 
     async def aclose(self, cancel: bool = False) -> None:
