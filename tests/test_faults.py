@@ -400,3 +400,10 @@ def test_async_gear_warns_about_a_blocking_call_that_outlives_its_timeout() -> N
         assert_only_failed(results, {0}, gs.TaskTimeout)
     finally:
         _release.set()
+
+
+def test_an_initializer_that_kills_its_worker_raises_initializer_error() -> None:
+    start = time.monotonic()
+    with pytest.raises(gs.InitializerError, match="exit code 5"):
+        gs.map(fl.double, range(50), gear="process", workers=2, initializer=fl.init_exit, initargs=(5,))
+    assert time.monotonic() - start < PATIENCE
