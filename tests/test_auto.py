@@ -194,3 +194,46 @@ def test_run_that_ends_while_probing_still_reports() -> None:
 def test_executor_refuses_auto_clearly() -> None:
     with pytest.raises(ValueError, match="fixed gear"):
         gs.Executor(gear="auto")
+
+
+def test_amap_with_auto() -> None:
+    async def main() -> tuple[list[int], list[int]]:
+        coros = [x async for x in gs.amap(anap, range(30), gear="auto")]
+        blocking = [x async for x in gs.amap(nap, range(30), gear="auto")]
+        return coros, blocking
+
+    coros, blocking = asyncio.run(main())
+    assert coros == blocking == list(range(30))
+
+
+_seen: list[str] = []
+
+
+def _init(tag: str) -> None:
+    _seen.append(f"{tag}:{threading.current_thread().name}")
+
+
+def test_initializer_runs_where_items_run() -> None:
+    _seen.clear()
+    out = gs.map(nap, range(40), initializer=_init, initargs=("x",))
+    assert out == list(range(40))
+    assert _seen and all(s.startswith("x:") for s in _seen)
+    assert any("probe" in s for s in _seen)  # the probe thread ran it before its first item
+
+
+def test_retries_across_the_shift() -> None:
+    attempts: Counter[int] = Counter()
+    lock = threading.Lock()
+
+    def flaky(x: int) -> int:
+        with lock:
+            attempts[x] += 1
+            first = attempts[x] == 1
+        time.sleep(0.005)
+        if first and x % 5 == 0:
+            raise ConnectionError(x)
+        return x
+
+    out = gs.map(flaky, range(60), retries=2)
+    assert out == list(range(60))
+    assert out.report.retried == 12

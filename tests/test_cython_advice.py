@@ -18,6 +18,9 @@ pytest.importorskip("Cython", reason="Cython is not installed (pip install cytho
 if shutil.which("gcc") is None and shutil.which("cc") is None:
     pytest.skip("no C compiler (gcc/cc) on PATH: the kernel cannot be compiled", allow_module_level=True)
 
+# Workers fork (see fork_workers) while probe threads run; the module they need exists only here.
+pytestmark = pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cython_kernel"
 sys.path.insert(0, str(EXAMPLE))
 import build as kernel_build  # noqa: E402
