@@ -67,6 +67,17 @@ threading.Thread(target=announce, daemon=True).start()
 try:
     if mode == "map":
         gs.map(fn, items, gear=gear, workers=workers, chunksize=1)
+    elif mode == "imap":
+        for _ in gs.imap(fn, items, gear=gear, workers=workers, chunksize=1):
+            pass
+    elif mode == "amap":
+        import asyncio
+
+        async def consume():
+            async for _ in gs.amap(fn, items, gear=gear, workers=workers, chunksize=1):
+                pass
+
+        asyncio.run(consume())
     elif mode == "executor":
         with gs.Executor(gear=gear, workers=workers) as ex:
             futures = [ex.submit(fn, i) for i in items]
@@ -107,6 +118,19 @@ def start(tmp_path: Path, gear: str, mode: str = "map") -> tuple[fl.Child, list[
     return child, family
 
 
+def interrupt(child: fl.Child, sig: int, expect: str) -> tuple[str, float, int, str]:
+    """Send ``sig``; return the child's ``expect`` line, seconds until it came, exit code, stderr."""
+    try:
+        sent = time.monotonic()
+        os.kill(child.pid, sig)
+        line = child.expect(expect, timeout=60)
+        took = time.monotonic() - sent
+        code, _, err = child.finish()
+    finally:
+        child.close()
+    return line, took, code, err
+
+
 def assert_all_gone(family: list[psutil.Process], timeout: float = 10.0) -> None:
     _, alive = psutil.wait_procs(family, timeout=timeout)
     assert not alive, f"left running after the child ended: {[(p.pid, p.name()) for p in alive]}"
@@ -115,14 +139,7 @@ def assert_all_gone(family: list[psutil.Process], timeout: float = 10.0) -> None
 @pytest.mark.parametrize("gear", GEARS)
 def test_ctrl_c_during_map_raises_keyboard_interrupt_promptly(gear: str, tmp_path: Path) -> None:
     child, family = start(tmp_path, gear)
-    try:
-        sent = time.monotonic()
-        os.kill(child.pid, signal.SIGINT)
-        line = child.expect("interrupted", timeout=60)
-        took = time.monotonic() - sent
-        code, _, err = child.finish()
-    finally:
-        child.close()
+    line, took, code, err = interrupt(child, signal.SIGINT, "interrupted")
     assert took < PROMPT, f"KeyboardInterrupt took {took:.1f}s"
     assert code == 130, err
     partial = json.loads(line.split(" ", 1)[1])
@@ -133,14 +150,7 @@ def test_ctrl_c_during_map_raises_keyboard_interrupt_promptly(gear: str, tmp_pat
 @pytest.mark.parametrize("gear", GEARS)
 def test_sigterm_during_map_exits_cleanly(gear: str, tmp_path: Path) -> None:
     child, family = start(tmp_path, gear)
-    try:
-        sent = time.monotonic()
-        os.kill(child.pid, signal.SIGTERM)
-        line = child.expect("exiting", timeout=60)
-        took = time.monotonic() - sent
-        code, _, err = child.finish()
-    finally:
-        child.close()
+    line, took, code, err = interrupt(child, signal.SIGTERM, "exiting")
     assert took < PROMPT, f"SystemExit took {took:.1f}s"
     assert line.startswith("exiting 143 ")
     assert code == 143, err
@@ -152,14 +162,7 @@ def test_sigterm_during_map_exits_cleanly(gear: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("gear", ["thread", "process", "async"])
 def test_ctrl_c_in_executor_and_pool_leaves_no_orphans(gear: str, mode: str, tmp_path: Path) -> None:
     child, family = start(tmp_path, gear, mode)
-    try:
-        sent = time.monotonic()
-        os.kill(child.pid, signal.SIGINT)
-        child.expect("interrupted", timeout=60)
-        took = time.monotonic() - sent
-        code, _, err = child.finish()
-    finally:
-        child.close()
+    _, took, code, err = interrupt(child, signal.SIGINT, "interrupted")
     assert took < PROMPT, f"KeyboardInterrupt took {took:.1f}s"
     assert code == 130, err
     assert_all_gone(family)
@@ -197,14 +200,17 @@ def test_workers_leave_when_their_parent_is_killed(tmp_path: Path) -> None:
 def test_ctrl_c_with_a_thread_that_ignores_cancellation_still_exits(gear: str, tmp_path: Path) -> None:
     """The stuck thread is waited for briefly, warned about, and does not keep the child alive."""
     child, family = start(tmp_path, gear, "stubborn")
-    try:
-        sent = time.monotonic()
-        os.kill(child.pid, signal.SIGINT)
-        child.expect("interrupted", timeout=60)
-        took = time.monotonic() - sent
-        code, _, err = child.finish()
-    finally:
-        child.close()
+    _, took, code, err = interrupt(child, signal.SIGINT, "interrupted")
+    assert took < PROMPT, f"KeyboardInterrupt took {took:.1f}s"
+    assert code == 130, err
+    assert_all_gone(family)
+
+
+@pytest.mark.parametrize("mode", ["imap", "amap"])
+@pytest.mark.parametrize("gear", GEARS)
+def test_ctrl_c_during_imap_and_amap(gear: str, mode: str, tmp_path: Path) -> None:
+    child, family = start(tmp_path, gear, mode)
+    _, took, code, err = interrupt(child, signal.SIGINT, "interrupted")
     assert took < PROMPT, f"KeyboardInterrupt took {took:.1f}s"
     assert code == 130, err
     assert_all_gone(family)
