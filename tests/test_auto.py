@@ -237,3 +237,18 @@ def test_retries_across_the_shift() -> None:
     out = gs.map(flaky, range(60), retries=2)
     assert out == list(range(60))
     assert out.report.retried == 12
+
+
+def test_serial_phase_waits_instead_of_spinning_during_retry_backoff() -> None:
+    failed: set[int] = set()
+
+    def once(x: int) -> int:
+        if x == 5 and x not in failed:
+            failed.add(x)
+            raise ConnectionError(x)
+        return x + 1
+
+    start = time.process_time()
+    out = gs.map(once, range(10), retries=gs.Retry(attempts=2, backoff=0.5, jitter=False))
+    assert out == list(range(1, 11))
+    assert time.process_time() - start < 0.4  # half a second of backoff, not spent spinning

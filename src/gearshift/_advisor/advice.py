@@ -59,6 +59,8 @@ class Advice:
         lines = [head]
         if self.gear == "serial":
             lines.append("  expected speedup: none (1.0x); concurrency cannot pay here")
+        elif not self.speedup:
+            lines.append("  predicted speedup: not measured (coroutine functions go straight to the async gear)")
         else:
             lines.append(f"  predicted speedup {self.speedup:.1f}x over serial (Amdahl bound on this machine: "
                          f"{self.bound:.1f}x)")

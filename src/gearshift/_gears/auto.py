@@ -376,8 +376,12 @@ class AutoGear(Gear):
     def _collect_serial(self, timeout: float | None) -> list[Outcome]:
         out = self._drain(None)
         if not self._pending:
-            if not out and self._running():
-                out = self._drain(min(timeout or SLICE, 0.02))
+            if not out:  # nothing to run (retries backing off, a rate limit): wait, don't spin
+                wait = min(timeout if timeout is not None else 0.05, 0.05)
+                if any(t.is_alive() for t in self._probes):
+                    out = self._drain(wait)
+                elif wait > 0:
+                    time.sleep(wait)
             return out
         assert self._delegate is not None and self._clock is not None
         batch = self._pending.popleft()
