@@ -325,7 +325,9 @@ class ProcessGear(Gear):
             pos: int | None = None
             if proc.killed_for is not None and proc.killed_for[0] == bid:
                 pos = proc.killed_for[1]
-            elif not proc.leaving:
+            elif not proc.leaving and proc.killed_for is None:
+                # (Killed for a timeout, but that item's batch came back first: this batch is a
+                # bystander, re-run whole, not blamed.)
                 tag = self._tags[proc.wid]
                 if tag >= 0 and tag >> _worker.POS_BITS == bid:
                     pos = tag & _POS_MASK
