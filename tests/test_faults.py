@@ -187,9 +187,11 @@ def test_serial_timeout_interrupts_the_main_thread_and_restores_sigalrm() -> Non
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
 
 
-def test_executor_timeout_matches_map() -> None:
-    with gs.Executor(gear="process", workers=2, timeout=0.5) as ex:
-        spin = ex.submit(fl.spin_on, frozenset({1}), 1)
+@pytest.mark.parametrize("gear", ["thread", "process", "async"])
+def test_executor_timeout_matches_map(gear: str) -> None:
+    stuck = {"thread": fl.sleep_on, "process": fl.spin_on, "async": fl.asleep_on}[gear]
+    with gs.Executor(gear=gear, workers=2, timeout=0.5) as ex:
+        spin = ex.submit(stuck, frozenset({1}), 1)
         fine = [ex.submit(fl.double, i) for i in range(6)]
         error = spin.exception(timeout=PATIENCE)
         assert [f.result(timeout=PATIENCE) for f in fine] == [2 * i for i in range(6)]
