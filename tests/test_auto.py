@@ -8,6 +8,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from collections import Counter
 
 import pytest
@@ -252,3 +253,25 @@ def test_serial_phase_waits_instead_of_spinning_during_retry_backoff() -> None:
     out = gs.map(once, range(10), retries=gs.Retry(attempts=2, backoff=0.5, jitter=False))
     assert out == list(range(1, 11))
     assert time.process_time() - start < 0.4  # half a second of backoff, not spent spinning
+
+
+def test_timeout_on_an_uncooperative_probe_item_does_not_stall_the_run() -> None:
+    ran_at: dict[int, float] = {}
+    start = time.monotonic()
+
+    def stuck_first(x: int) -> int:
+        if x == 0:  # computes for 2.5 s, ignoring gs.cancelled(): its thread is stuck until it returns
+            deadline = time.monotonic() + 2.5
+            while time.monotonic() < deadline:
+                pass
+        ran_at[x] = time.monotonic() - start
+        return x
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "did not stop within ..." if close comes first
+        # Two items: one long call is not enough work to shift for, so the auto gear keeps probing.
+        out = gs.map(stuck_first, range(2), timeout=0.3, errors="collect")
+    assert isinstance(out[0], gs.Failure) and isinstance(out[0].exception, gs.TaskTimeout)
+    assert out[1:] == [1]
+    # The second item ran in a fresh thread once the first timed out, not after the stuck call.
+    assert ran_at[1] < 2.0, ran_at

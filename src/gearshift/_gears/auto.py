@@ -225,6 +225,8 @@ class AutoGear(Gear):
                 if token is not None:
                     token.cancel()
                 out.append(Outcome(task, False, TaskTimeout(limit, task.item, task.index), limit))
+        if out and not self._feed.stopped:
+            self._start_probe()  # threads cannot be killed: a fresh one takes the next items
         return out
 
     def _running(self) -> list[ProbeThread]:
