@@ -214,3 +214,15 @@ def test_ctrl_c_during_imap_and_amap(gear: str, mode: str, tmp_path: Path) -> No
     assert took < PROMPT, f"KeyboardInterrupt took {took:.1f}s"
     assert code == 130, err
     assert_all_gone(family)
+
+
+@pytest.mark.parametrize("gear", ["thread", "process"])
+def test_sigterm_in_executor_use_kills_the_program_and_its_workers_follow(gear: str, tmp_path: Path) -> None:
+    """Outside gs.map SIGTERM keeps its default action; the process workers' watchdogs clean up."""
+    child, family = start(tmp_path, gear, "executor")
+    try:
+        os.kill(child.pid, signal.SIGTERM)
+        assert child.proc.wait(timeout=30) == -signal.SIGTERM
+    finally:
+        child.close()
+    assert_all_gone(family)
