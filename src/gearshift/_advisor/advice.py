@@ -67,7 +67,8 @@ class Advice:
         gil = "GIL enabled" if mc.gil_enabled else "free-threaded (no GIL)"
         py = ".".join(map(str, sys.version_info[:3]))
         lines.append(f"  machine: {mc.cores} cores, {gil}, Python {py}, processes start by {mc.start_method}")
-        measured = f"  measured on {m.samples} calls: {_us(m.per_item)} per call, waits {m.wait_fraction:.0%}"
+        calls = f"{m.samples} call{'s' if m.samples != 1 else ''}"
+        measured = f"  measured on {calls}: {_us(m.per_item)} per call, waits {m.wait_fraction:.0%}"
         if m.is_coroutine:
             measured += ", coroutine function"
         if m.thread_scaling is not None:

@@ -435,7 +435,10 @@ class AutoGear(Gear):
 
     def _record(self, decision: Decision) -> None:
         self.decision = decision
-        self.advice = Advice.from_decision(decision, self._m, self.machine)
+        from gearshift._engine import fn_name  # late: the engine imports the gears
+
+        measured = dataclasses.replace(self._m)  # a snapshot: the gear's own keeps changing
+        self.advice = Advice.from_decision(decision, measured, self.machine, fn_name(self._fn) if self._fn else "")
         gear_text = self.describe()
         log.info("gearshift auto: %s; %s", gear_text, "; ".join(decision.reasons))
         if self._report is not None:
