@@ -409,3 +409,11 @@ def test_an_initializer_that_kills_its_worker_raises_initializer_error() -> None
     with pytest.raises(gs.InitializerError, match="exit code 5"):
         gs.map(fl.double, range(50), gear="process", workers=2, initializer=fl.init_exit, initargs=(5,))
     assert time.monotonic() - start < PATIENCE
+
+
+@pytest.mark.parametrize("bad", [0, 5])
+def test_auto_gear_times_out_an_item_whichever_gear_it_chose(bad: int) -> None:
+    """The probe item (0) or a later one (5): either way only that item fails."""
+    fn = partial(fl.sleep_on, frozenset({bad}))
+    results = gs.map(fn, range(8), gear="auto", timeout=0.5, errors="collect")
+    assert_only_failed(results, {bad}, gs.TaskTimeout)
