@@ -1,13 +1,13 @@
-"""Measuring a function on real items: clocks, calls, two threads at once, pickling, a process.
+"""Measuring a function on real items: clocks, timed calls, the GIL, pickling, a process.
 
 Everything here has side effects (it runs the user's function); the decisions live in
 ``model.py`` as pure functions of what these probes return.
 
 A call's wall time splits three ways: on a CPU (the thread's CPU clock), runnable but
 queued for a CPU (Linux ``schedstat`` run-queue delay: the machine is busy) and waiting
-(I/O, sleep, a lock, the GIL). Counting the run-queue delay as "busy" keeps a CPU-bound
-function CPU-bound on a loaded machine, and makes the two-thread test immune to load:
-a thread blocked on the GIL is neither on a CPU nor queued for one.
+(I/O, sleep, a lock, the GIL). Leaving the queued time out keeps a CPU-bound function
+CPU-bound on a loaded machine. Whether a function holds the GIL is seen from the
+caller (``gil_pings``): how long it waits to run again while a thread runs the function.
 """
 
 from __future__ import annotations
@@ -65,7 +65,6 @@ class ThreadClock:
                 self._clock = None
         self._own = thread is threading.current_thread()
         self._path = _runq_path(thread.native_id)
-        self._status = None if thread.native_id is None else f"/proc/self/task/{thread.native_id}/status"
 
     def cpu(self) -> float:
         if self._clock is not None:
@@ -87,19 +86,6 @@ class ThreadClock:
     def busy(self) -> float:
         """Seconds this thread has been on a CPU or queued for one."""
         return self.cpu() + self.runq()
-
-    def switches(self) -> int:
-        """Times this thread blocked (voluntary context switches): waits for the GIL among them."""
-        if self._status is None:
-            return 0
-        try:
-            with open(self._status, "rb") as f:
-                for line in f:
-                    if line.startswith(b"voluntary_ctxt_switches"):
-                        return int(line.split()[1])
-        except (OSError, ValueError, IndexError):
-            pass
-        return 0
 
 
 def wait_fraction(wall: float, cpu: float, runq: float) -> float:
