@@ -30,8 +30,9 @@ class ResultIterator(Iterator[Any]):
     Breaking out of a loop over it, or ``close()``, stops the run and its workers.
     """
 
-    def __init__(self, pairs: Iterator[tuple[int, Any]], scheduler: Scheduler) -> None:
-        self._pairs = pairs
+    def __init__(self, chunks: Iterator[list[tuple[int, Any]]], scheduler: Scheduler) -> None:
+        self._chunks = chunks
+        self._current: Iterator[tuple[int, Any]] = iter(())
         self._scheduler = scheduler
 
     @property
@@ -42,10 +43,16 @@ class ResultIterator(Iterator[Any]):
         return self
 
     def __next__(self) -> Any:
-        return next(self._pairs)[1]
+        for pair in self._current:
+            return pair[1]
+        while True:
+            self._current = iter(next(self._chunks))  # StopIteration ends us too
+            for pair in self._current:
+                return pair[1]
 
     def close(self) -> None:
-        self._pairs.close()  # type: ignore[attr-defined]
+        self._current = iter(())
+        self._chunks.close()  # type: ignore[attr-defined]
 
     def __enter__(self) -> ResultIterator:
         return self
@@ -187,8 +194,8 @@ def map(  # noqa: A001 - the name is the point
     done: dict[int, Any] = {}
     results = Results()
     try:
-        for index, value in drive(scheduler, the_gear, spec):
-            done[index] = value
+        for chunk in drive(scheduler, the_gear, spec):
+            done.update(chunk)
     except BaseException as exc:
         # Released but not yet yielded (``ready``) counts too: those results exist.
         partial = {**done, **dict(scheduler.ready), **scheduler.buffered()}
@@ -230,7 +237,8 @@ async def amap(
         fn, items, gear, workers, concurrency, ordered, chunksize, errors, progress, timeout, retries, rate,
         initializer, initargs, max_tasks_per_worker,
     )
-    pairs = adrive(scheduler, the_gear, spec)
-    async with contextlib.aclosing(pairs):
-        async for _, value in pairs:
-            yield value
+    chunks = adrive(scheduler, the_gear, spec)
+    async with contextlib.aclosing(chunks):
+        async for chunk in chunks:
+            for _, value in chunk:
+                yield value

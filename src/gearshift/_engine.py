@@ -26,7 +26,7 @@ from gearshift._gears.aio import AsyncGear
 from gearshift._progress import Progress, ProgressArg, make_progress
 from gearshift._rate import RateLimiter, parse_rate
 from gearshift._retry import Retry, as_retry
-from gearshift._task import Batch, Outcome, RunSpec, Task, format_tb
+from gearshift._task import Batch, Done, Outcome, Result, RunSpec, Task, format_tb
 from gearshift.errors import Failure, short_repr
 
 ErrorPolicy = Literal["raise", "collect", "skip"]
@@ -157,28 +157,52 @@ class Scheduler:
                     self._rate_wait = wait
                     break
                 self._limiter.take()
-            tasks = [Task(self._next_index + i, item) for i, item in enumerate(itertools.islice(self._source, chunk))]
-            if len(tasks) < chunk:
+            items = list(itertools.islice(self._source, chunk))
+            n = len(items)
+            if n < chunk:
                 self.exhausted = True
-            if not tasks:
+            if not n:
                 break
-            self._next_index += len(tasks)
-            self._outstanding += len(tasks)
-            self._admitted += len(tasks)
-            batches.append(Batch(self.fn, tasks))
-            self.report.chunksize = max(self.report.chunksize, len(tasks))
+            batches.append(Batch.run(self.fn, self._next_index, items))
+            self._next_index += n
+            self._outstanding += n
+            self._admitted += n
+            if n > self.report.chunksize:
+                self.report.chunksize = n
         return batches
 
     # -- outcomes -------------------------------------------------------------------------
-    def complete(self, outcomes: list[Outcome], now: float) -> None:
+    def complete(self, outcomes: list[Result], now: float) -> None:
         """Take outcomes back; under ``errors="raise"`` re-raise the first final failure."""
         timed = 0.0
         released = 0
         ready = self.ready
         report = self.report
-        self._outstanding -= len(outcomes)
         for outcome in outcomes:
             timed += outcome.elapsed
+            if type(outcome) is Done:
+                # The fast path: a run of successes, released with C-level loops where it can.
+                values = outcome.values
+                n = len(values)
+                released += n
+                report.succeeded += n
+                self._outstanding -= n
+                batch = outcome.batch
+                if batch.start >= 0:
+                    first = batch.start + outcome.first
+                    if not self.ordered or (first == self._next_release and not self._buffer):
+                        ready.extend(zip(range(first, first + n), values, strict=True))
+                        self._admitted -= n
+                        self._next_release += n
+                        continue
+                    for i, value in enumerate(values, first):
+                        self._release(i, value)
+                else:
+                    for i, value in enumerate(values, outcome.first):
+                        self._release(batch.task(i).index, value)
+                continue
+            assert isinstance(outcome, Outcome)
+            self._outstanding -= 1
             task = outcome.task
             if outcome.ok:
                 report.succeeded += 1
@@ -214,8 +238,7 @@ class Scheduler:
                 self._release(task.index, _SKIP)
         if released:
             self._progress.update(released)
-        if outcomes:
-            measured = timed / len(outcomes)
+            measured = timed / released
             self._per_item = measured if self._per_item is None else 0.7 * self._per_item + 0.3 * measured
 
     def _annotate(self, exc: BaseException, task: Task) -> None:
@@ -253,6 +276,12 @@ class Scheduler:
             timeout = min(timeout, self._rate_wait)
         return timeout
 
+    def take_ready(self) -> list[tuple[int, Any]]:
+        """The released results, in release order, handed over once."""
+        ready = list(self.ready)
+        self.ready.clear()
+        return ready
+
     def buffered(self) -> dict[int, Any]:
         """Results finished but not yet released (for ``partial_results`` on an interrupt)."""
         return {i: v for i, v in self._buffer.items() if v is not _SKIP}
@@ -283,8 +312,11 @@ def _raise_exit(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
-def drive(scheduler: Scheduler, gear: Gear, spec: RunSpec) -> Iterator[tuple[int, Any]]:
-    """Run ``scheduler`` on ``gear`` from sync code, yielding ``(index, result)`` pairs."""
+def drive(scheduler: Scheduler, gear: Gear, spec: RunSpec) -> Iterator[list[tuple[int, Any]]]:
+    """Run ``scheduler`` on ``gear`` from sync code, yielding lists of ``(index, result)``.
+
+    Lists, not pairs: one generator hand-off per batch of results, not per result.
+    """
     gear.check(scheduler.fn)
     gear.open(spec)
     ok = False
@@ -293,8 +325,8 @@ def drive(scheduler: Scheduler, gear: Gear, spec: RunSpec) -> Iterator[tuple[int
             while True:
                 for batch in scheduler.take_batches(time.monotonic()):
                     gear.submit(batch)
-                while scheduler.ready:
-                    yield scheduler.ready.popleft()
+                if scheduler.ready:
+                    yield scheduler.take_ready()
                 if scheduler.finished:
                     break
                 outcomes = gear.collect(scheduler.wait_timeout(time.monotonic()))
@@ -305,7 +337,7 @@ def drive(scheduler: Scheduler, gear: Gear, spec: RunSpec) -> Iterator[tuple[int
         scheduler.finish()
 
 
-async def adrive(scheduler: Scheduler, gear: Gear, spec: RunSpec) -> AsyncGenerator[tuple[int, Any], None]:
+async def adrive(scheduler: Scheduler, gear: Gear, spec: RunSpec) -> AsyncGenerator[list[tuple[int, Any]], None]:
     """Run ``scheduler`` on ``gear`` from async code; the async gear uses the caller's loop."""
     import asyncio
 
@@ -318,8 +350,8 @@ async def adrive(scheduler: Scheduler, gear: Gear, spec: RunSpec) -> AsyncGenera
         while True:
             for batch in scheduler.take_batches(time.monotonic()):
                 gear.submit(batch)
-            while scheduler.ready:
-                yield scheduler.ready.popleft()
+            if scheduler.ready:
+                yield scheduler.take_ready()
             if scheduler.finished:
                 break
             outcomes = await gear.acollect(scheduler.wait_timeout(time.monotonic()))

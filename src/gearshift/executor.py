@@ -29,7 +29,7 @@ from typing import Any
 from gearshift._gears import Gear, make_gear
 from gearshift._gears.aio import is_async_callable
 from gearshift._retry import Retry, as_retry
-from gearshift._task import Batch, Outcome, RunSpec, Task
+from gearshift._task import Batch, Outcome, RunSpec, Task, expand
 
 __all__ = ["Executor"]
 
@@ -318,7 +318,7 @@ class Executor(_StdExecutor):
                 if not running:
                     continue
                 wait = 0.25 if not retries else max(0.0, min(0.25, retries[0][0] - now))
-                for outcome in gear.collect(wait):
+                for outcome in expand(gear.collect(wait)):
                     self._settle(outcome, running, retries)
         except BaseException as exc:
             cancel = True

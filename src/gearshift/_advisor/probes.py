@@ -26,7 +26,7 @@ import cloudpickle
 from gearshift._advisor.model import Machine
 from gearshift._cancel import CancelToken
 from gearshift._gears._base import cpu_count
-from gearshift._task import Batch, Outcome, RunSpec, Task, call, close_runner, run_task
+from gearshift._task import Batch, Outcome, RunSpec, Task, call, close_runner, expand, run_task
 from gearshift.errors import InitializerError
 
 
@@ -374,7 +374,7 @@ def process_round_trip(fn: Callable[[Any], Any], item: Any) -> tuple[float, floa
             gear.submit(Batch(fn, [Task(index, item)]))
             got: list[Outcome] = []
             while not got:
-                got = gear.collect(1.0)
+                got = expand(gear.collect(1.0))
                 if time.perf_counter() - start > 30:
                     raise TimeoutError("a worker process did not answer within 30 s")
             walls.append(max(0.0, time.perf_counter() - start - got[0].elapsed))

@@ -20,7 +20,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from gearshift._task import Batch, Outcome, RunSpec
+from gearshift._task import Batch, Result, RunSpec
 
 
 def cpu_count() -> int:
@@ -64,9 +64,9 @@ class Gear(ABC):
     def submit(self, batch: Batch) -> None: ...
 
     @abstractmethod
-    def collect(self, timeout: float | None) -> list[Outcome]: ...
+    def collect(self, timeout: float | None) -> list[Result]: ...
 
-    async def acollect(self, timeout: float | None) -> list[Outcome]:
+    async def acollect(self, timeout: float | None) -> list[Result]:
         """``collect`` for async callers; gears with a native loop override it."""
         return await asyncio.to_thread(self.collect, timeout)
 

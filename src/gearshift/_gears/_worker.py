@@ -3,7 +3,8 @@
 Protocol over the worker's own pipe, each message pickled:
   parent -> worker  (batch_id, fn_key, fn_bytes | None, items)   or None to stop
   worker -> parent  ("ready",)                 started (initializer done)
-                    ("done", batch_id, [(ok, value, tb, elapsed), ...])
+                    ("done", batch_id, values, {pos: traceback} | None, seconds)
+                                               a failed item's value is its exception
                     ("bye", tasks_done)        leaving after max_tasks_per_worker
                     ("init_error", exc, tb)    the initializer raised
 Before each item the worker writes its start time, then ``batch_id << 20 | pos``, into
@@ -66,21 +67,21 @@ def _alive(pid: int) -> bool:
     return state not in (b"Z", b"X")
 
 
-def _pack_results(bid: int, results: list[tuple[bool, Any, str, float]]) -> bytes:
+def _pack_results(bid: int, values: list[Any], failures: dict[int, str] | None, elapsed: float) -> bytes:
+    """The batch's reply; a value that cannot be pickled back fails its own item, named."""
     try:
-        return dumps(("done", bid, results))
+        return dumps(("done", bid, values, failures, elapsed))
     except Exception:
         pass
-    safe = []
-    for ok, value, tb, elapsed in results:
+    failures = dict(failures or {})
+    for pos, value in enumerate(values):
         try:
             dumps(value)
         except Exception as exc:
-            what = "result" if ok else "exception"
-            value = TypeError(f"the {what} {type(value).__name__} could not be pickled back: {exc}")
-            ok, tb = False, ""
-        safe.append((ok, value, tb, elapsed))
-    return dumps(("done", bid, safe))
+            what = "exception" if pos in failures else "result"
+            values[pos] = TypeError(f"the {what} {type(value).__name__} could not be pickled back: {exc}")
+            failures[pos] = ""
+    return dumps(("done", bid, values, failures, elapsed))
 
 
 def main(conn: Any, tags: Any, starts: Any, wid: int, parent: int, init: bytes | None, max_tasks: int | None) -> None:
@@ -115,20 +116,22 @@ def main(conn: Any, tags: Any, starts: Any, wid: int, parent: int, init: bytes |
         if fn_bytes is not None:
             fns[key] = pickle.loads(fn_bytes)
         fn = fns[key]
-        results: list[tuple[bool, Any, str, float]] = []
+        values: list[Any] = []
+        append = values.append
+        failures: dict[int, str] | None = None
         tag = bid << POS_BITS
+        start = perf()
         for pos, item in enumerate(items):
             starts[wid] = monotonic()
             tags[wid] = tag | pos
-            start = perf()
             try:
-                value = call(fn, item)
+                append(call(fn, item))
             except BaseException as exc:  # SystemExit and friends fail the item, not the worker
-                results.append((False, exc, "".join(traceback.format_exception(exc)), perf() - start))
-            else:
-                results.append((True, value, "", perf() - start))
+                failures = failures or {}
+                failures[pos] = "".join(traceback.format_exception(exc))
+                append(exc)
         tags[wid] = -1
-        conn.send_bytes(_pack_results(bid, results))
+        conn.send_bytes(_pack_results(bid, values, failures, perf() - start))
         done += len(items)
         if max_tasks is not None and done >= max_tasks:
             conn.send_bytes(dumps(("bye", done)))

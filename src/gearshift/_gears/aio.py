@@ -24,7 +24,7 @@ from typing import Any
 from gearshift._cancel import CancelToken, bind_token
 from gearshift._gears._base import Gear
 from gearshift._gears._blocking import DaemonThreadPool
-from gearshift._task import Batch, Outcome, RunSpec, Task, format_tb
+from gearshift._task import Batch, Outcome, Result, RunSpec, Task, format_tb
 from gearshift.errors import InitializerError, TaskTimeout
 
 #: Seconds ``close(cancel=True)`` waits for the loop thread to finish cancelling.
@@ -61,8 +61,8 @@ class AsyncGear(Gear):
         self._tasks: set[asyncio.Task[None]] = set()
         self._tg: asyncio.TaskGroup | None = None
         self._stop: asyncio.Event | None = None
-        self._done: queue.SimpleQueue[list[Outcome] | None] = queue.SimpleQueue()
-        self._native_done: list[Outcome] = []
+        self._done: queue.SimpleQueue[list[Result] | None] = queue.SimpleQueue()
+        self._native_done: list[Result] = []
         self._native_event: asyncio.Event | None = None
         self._pool: DaemonThreadPool | None = None
         self._spec = RunSpec()
@@ -197,8 +197,8 @@ class AsyncGear(Gear):
         if escaped is not None:
             raise escaped
 
-    def collect(self, timeout: float | None) -> list[Outcome]:
-        outcomes: list[Outcome] = []
+    def collect(self, timeout: float | None) -> list[Result]:
+        outcomes: list[Result] = []
         self._raise_escaped()
         try:
             got = self._done.get(timeout=timeout)
@@ -213,7 +213,7 @@ class AsyncGear(Gear):
             except queue.Empty:
                 return outcomes
 
-    async def acollect(self, timeout: float | None) -> list[Outcome]:
+    async def acollect(self, timeout: float | None) -> list[Result]:
         if not self._native:
             return await super().acollect(timeout)
         assert self._native_event is not None

@@ -54,7 +54,7 @@ from gearshift._gears.aio import AsyncGear, is_async_callable
 from gearshift._gears.process import ProcessGear
 from gearshift._gears.serial import SerialGear
 from gearshift._gears.thread import ThreadGear
-from gearshift._task import Batch, Outcome, RunSpec
+from gearshift._task import Batch, Done, Outcome, Result, RunSpec, count
 from gearshift.errors import TaskTimeout
 
 log = logging.getLogger("gearshift")
@@ -168,7 +168,7 @@ class AutoGear(Gear):
         thread.start()
 
     # -- collecting -----------------------------------------------------------------------
-    def collect(self, timeout: float | None) -> list[Outcome]:
+    def collect(self, timeout: float | None) -> list[Result]:
         if self.phase == "probe":
             return self._collect_probe(timeout)
         if self.phase == "ping":
@@ -177,9 +177,9 @@ class AutoGear(Gear):
             return self._collect_serial(timeout)
         return self._collect_shifted(timeout)
 
-    def _drain(self, wait: float | None) -> list[Outcome]:
+    def _drain(self, wait: float | None) -> list[Result]:
         """Outcomes of probe threads (expired items reported, late results of them dropped)."""
-        out: list[Outcome] = []
+        out: list[Result] = []
         try:
             got = self._probe_done.get(timeout=wait) if wait else self._probe_done.get_nowait()
         except queue.Empty:
@@ -197,7 +197,7 @@ class AutoGear(Gear):
         self._completed += len(out)
         return out
 
-    def _take(self, got: Measured, out: list[Outcome]) -> None:
+    def _take(self, got: Measured, out: list[Result]) -> None:
         if got.outcome.task is got.thread.expired:
             return
         out.append(got.outcome)
@@ -212,11 +212,11 @@ class AutoGear(Gear):
             wait = wait_fraction(o.elapsed, got.cpu, got.busy - got.cpu)
             self._m.wait_fraction += (wait - self._m.wait_fraction) / n
 
-    def _expire(self) -> list[Outcome]:
+    def _expire(self) -> list[Result]:
         limit = self._spec.timeout
         if limit is None:
             return []
-        out = []
+        out: list[Result] = []
         now = time.perf_counter()
         for thread in self._probes:
             task, token = thread.current, thread.current_token
@@ -232,7 +232,7 @@ class AutoGear(Gear):
     def _running(self) -> list[ProbeThread]:
         return [t for t in self._probes if t.is_alive() and t.current is not None and t.expired is not t.current]
 
-    def _collect_probe(self, timeout: float | None) -> list[Outcome]:
+    def _collect_probe(self, timeout: float | None) -> list[Result]:
         """Wait for the first outcomes, waking only to judge a long item (each wake costs it a GIL hand-over)."""
         deadline = time.perf_counter() + (timeout if timeout is not None else 3600.0)
         while True:
@@ -344,7 +344,7 @@ class AutoGear(Gear):
         if not any(t.is_alive() and t.feed is self._feed for t in self._probes):
             self._start_probe()
 
-    def _collect_ping(self, timeout: float | None) -> list[Outcome]:
+    def _collect_ping(self, timeout: float | None) -> list[Result]:
         if not self._running():
             return self._drain(min(timeout if timeout is not None else SLICE, SLICE))
         done = self._ping_now()
@@ -375,7 +375,7 @@ class AutoGear(Gear):
         assert self._fn is not None
         return self._fn
 
-    def _collect_serial(self, timeout: float | None) -> list[Outcome]:
+    def _collect_serial(self, timeout: float | None) -> list[Result]:
         out = self._drain(None)
         if not self._pending:
             if not out:  # nothing to run (retries backing off, a rate limit): wait, don't spin
@@ -391,14 +391,16 @@ class AutoGear(Gear):
         c0, w0 = time.thread_time(), time.perf_counter()
         got = self._delegate.collect(0)
         wall, busy = time.perf_counter() - w0, time.thread_time() - c0
-        self._completed += len(got)
+        done = count(got)
+        self._completed += done
         out.extend(got)
-        if got:
-            self._serial_n += len(got)
+        if done:
+            self._serial_n += done
             self._serial_wall += wall
             self._serial_busy += busy
-            if self._sample is None and got[0].ok:
-                self._sample = (got[0].task.item, got[0].value)
+            first = got[0]
+            if self._sample is None and isinstance(first, Done):
+                self._sample = (first.batch.items[first.first], first.values[0])
         if self._serial_wall >= self._next_check:
             # The run-queue delay (a file read) is taken once per check, not per batch.
             runq = self._clock.runq()
@@ -447,7 +449,7 @@ class AutoGear(Gear):
             self._report.reasons = list(decision.reasons)
             self._report.advice = self.advice
 
-    def _collect_shifted(self, timeout: float | None) -> list[Outcome]:
+    def _collect_shifted(self, timeout: float | None) -> list[Result]:
         assert self._delegate is not None
         out = self._drain(None)
         if any(t.is_alive() for t in self._probes):

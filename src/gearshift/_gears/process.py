@@ -33,7 +33,7 @@ import cloudpickle
 
 from gearshift._gears import _worker
 from gearshift._gears._base import Gear, cpu_count
-from gearshift._task import Batch, Outcome, RunSpec, Task
+from gearshift._task import Batch, Done, Outcome, Result, RunSpec, Task
 from gearshift.errors import (
     InitializerError,
     RemoteTraceback,
@@ -48,6 +48,9 @@ from gearshift.errors import (
 TERMINATE_GRACE = 1.0
 #: Batches sent ahead to each worker, so it never waits for the parent between batches.
 PREFETCH = 2
+#: Batches that take longer than this are not sent ahead: the hand-off is cheap next to
+#: them, and a batch queued behind a long one would wait while another worker idles.
+LONG_BATCH = 0.05
 #: Start-up deaths per worker slot, with no worker ready in between, before the pool gives up.
 DEATHS_BEFORE_GIVING_UP = 3
 _POS_MASK = (1 << _worker.POS_BITS) - 1
@@ -99,7 +102,7 @@ class ProcessGear(Gear):
         self._ctx: BaseContext | None = None
         self._procs: dict[int, _Proc] = {}
         self._pending: deque[tuple[int, Batch]] = deque()
-        self._ready: list[Outcome] = []
+        self._ready: list[Result] = []
         self._fns: dict[int, tuple[int, Callable[..., Any], bytes]] = {}
         self._next_bid = 0
         self._spec = RunSpec()
@@ -112,6 +115,7 @@ class ProcessGear(Gear):
         self._started = False
         self._unblamed: dict[int, int] = {}
         self._deaths_in_row = 0
+        self._batch_time = 0.0  # recent seconds per batch (moving average)
 
     @classmethod
     def default_workers(cls) -> int:
@@ -158,6 +162,7 @@ class ProcessGear(Gear):
         self._started = False
         self._unblamed = {}
         self._deaths_in_row = 0
+        self._batch_time = 0.0
         _open_gears.add(self)
 
     def _start_all(self) -> None:
@@ -202,7 +207,8 @@ class ProcessGear(Gear):
         Filling one worker's prefetch first would queue a batch behind a long task while
         another worker sits idle.
         """
-        for depth in range(1, PREFETCH + 1):
+        prefetch = PREFETCH if self._batch_time < LONG_BATCH else 1
+        for depth in range(1, prefetch + 1):
             for proc in self._procs.values():
                 if not self._pending:
                     return
@@ -212,15 +218,13 @@ class ProcessGear(Gear):
 
     def _send(self, proc: _Proc, bid: int, batch: Batch) -> None:
         key, _, fn_bytes = self._fn_entry(batch.fn)
-        items = [task.item for task in batch.tasks]
         try:
-            payload = _worker.dumps((bid, key, None if key in proc.fn_keys else fn_bytes, items))
+            payload = _worker.dumps((bid, key, None if key in proc.fn_keys else fn_bytes, batch.items))
         except Exception:
             batch = self._drop_unpicklable(batch)
-            if not batch.tasks:
+            if not batch.items:
                 return
-            items = [task.item for task in batch.tasks]
-            payload = _worker.dumps((bid, key, None if key in proc.fn_keys else fn_bytes, items))
+            payload = _worker.dumps((bid, key, None if key in proc.fn_keys else fn_bytes, batch.items))
         try:
             proc.conn.send_bytes(payload)
         except OSError:
@@ -247,7 +251,7 @@ class ProcessGear(Gear):
         return Batch(batch.fn, keep)
 
     # -- results, deaths and deadlines ------------------------------------------------------
-    def collect(self, timeout: float | None) -> list[Outcome]:
+    def collect(self, timeout: float | None) -> list[Result]:
         if self._init_error is not None:
             raise self._init_error
         if self._ready:
@@ -288,13 +292,22 @@ class ProcessGear(Gear):
             proc.ready = True
             self._deaths_in_row = 0
         elif kind == "done":
-            _, bid, results = msg
+            _, bid, values, failures, elapsed = msg
+            self._batch_time = 0.7 * self._batch_time + 0.3 * elapsed
             head_bid, batch = proc.outstanding.popleft()
             assert head_bid == bid, (head_bid, bid)
-            for task, (ok, value, tb, elapsed) in zip(batch.tasks, results, strict=True):
-                if not ok and tb and isinstance(value, BaseException):
+            if not failures:
+                self._ready.append(Done(batch, 0, values, elapsed))
+                return
+            share = elapsed / len(values)
+            for pos, value in enumerate(values):
+                tb = failures.get(pos)
+                if tb is None:
+                    self._ready.append(Done(batch, pos, [value], share))
+                    continue
+                if tb and isinstance(value, BaseException):
                     value.__cause__ = RemoteTraceback(tb)
-                self._ready.append(Outcome(task, ok, value, elapsed, tb))
+                self._ready.append(Outcome(batch.task(pos), False, value, share, tb))
         elif kind == "bye":
             proc.leaving = True
         elif kind == "init_error":

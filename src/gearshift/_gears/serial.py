@@ -17,7 +17,7 @@ from typing import Any
 
 from gearshift._cancel import CancelToken
 from gearshift._gears._base import Gear
-from gearshift._task import Batch, Outcome, RunSpec, close_runner, run_batch, run_task
+from gearshift._task import Batch, Outcome, Result, RunSpec, close_runner, run_batch, run_task
 from gearshift.errors import InitializerError, TaskTimeout
 
 
@@ -56,14 +56,14 @@ class SerialGear(Gear):
     def submit(self, batch: Batch) -> None:
         self._queue.append(batch)
 
-    def collect(self, timeout: float | None) -> list[Outcome]:
+    def collect(self, timeout: float | None) -> list[Result]:
         if not self._queue:
             if timeout:
                 time.sleep(min(timeout, 0.05))
             return []
         batch = self._queue.popleft()
         if self._spec.timeout is None:
-            return run_batch(batch.fn, batch.tasks, self._token)
+            return run_batch(batch, self._token)
         return [self._run(batch, task) for task in batch.tasks]
 
     def _run(self, batch: Batch, task: Any) -> Outcome:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from gearshift._cancel import CancelToken
 from gearshift._gears._base import Gear, cpu_count
-from gearshift._task import Batch, Outcome, RunSpec, close_runner, run_batch, run_task
+from gearshift._task import Batch, Outcome, Result, RunSpec, close_runner, run_batch, run_task
 from gearshift.errors import InitializerError, TaskTimeout
 
 #: How long ``close(cancel=True)`` waits for threads to notice their token.
@@ -41,7 +41,7 @@ class ThreadGear(Gear):
     def __init__(self, workers: int | None = None) -> None:
         super().__init__(workers)
         self._work: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
-        self._done: queue.SimpleQueue[list[Outcome] | None] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[list[Result] | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._idle = threading.Semaphore(0)
@@ -103,7 +103,7 @@ class ThreadGear(Gear):
                 if timed:
                     self._run_timed(batch, ident, done)
                 else:
-                    done.put(run_batch(batch.fn, batch.tasks, token))
+                    done.put(run_batch(batch, token))
                 self._idle.release()
                 batch = None  # let the finished batch's items go before waiting for the next
         except BaseException as exc:
@@ -116,7 +116,7 @@ class ThreadGear(Gear):
         finally:
             close_runner()
 
-    def _run_timed(self, batch: Batch, ident: int, done: queue.SimpleQueue[list[Outcome] | None]) -> None:
+    def _run_timed(self, batch: Batch, ident: int, done: queue.SimpleQueue[list[Result] | None]) -> None:
         assert self._spec.timeout is not None
         for pos, task in enumerate(batch.tasks):
             token = CancelToken(self._token)
@@ -133,10 +133,10 @@ class ThreadGear(Gear):
                     return
             done.put([outcome])
 
-    def _expire(self) -> tuple[list[Outcome], float | None]:
+    def _expire(self) -> tuple[list[Result], float | None]:
         """Report overdue tasks; return outcomes and the time to the next deadline."""
         now = time.monotonic()
-        outcomes: list[Outcome] = []
+        outcomes: list[Result] = []
         nearest: float | None = None
         with self._lock:
             for running in self._running.values():
@@ -159,8 +159,8 @@ class ThreadGear(Gear):
             self._spawn()  # keep `workers` threads usable while the stuck ones finish
         return outcomes, nearest
 
-    def collect(self, timeout: float | None) -> list[Outcome]:
-        outcomes: list[Outcome] = []
+    def collect(self, timeout: float | None) -> list[Result]:
+        outcomes: list[Result] = []
         if self._spec.timeout is not None:
             expired, nearest = self._expire()
             outcomes.extend(expired)
@@ -178,7 +178,7 @@ class ThreadGear(Gear):
             except queue.Empty:
                 return outcomes
 
-    def _take(self, got: list[Outcome] | None, into: list[Outcome]) -> None:
+    def _take(self, got: list[Result] | None, into: list[Result]) -> None:
         if got is None:
             if self._escaped is not None:
                 escaped, self._escaped = self._escaped, None
