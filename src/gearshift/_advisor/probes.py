@@ -271,23 +271,29 @@ def gil_pings(
     None when fewer than three pings counted within ``budget`` seconds (a GIL hand-over can
     take tens of ms on a busy or virtualised machine, so a ping may be that long).
     """
-    me = ThreadClock()
-    # A wait this long means the GIL was held: released code lets the caller in within ~0.1 ms;
-    # Python code holds it a full interval; a compiled call that keeps it, until it returns.
-    threshold = min(sys.getswitchinterval() / 2, 0.0005)
+    # Python code holds the GIL a full switch interval before it must let go; released code
+    # lets the caller in within ~0.1 ms. Half an interval separates them with room for the
+    # run-queue noise of a busy machine (which errs towards "held": processes, the safe side).
+    threshold = sys.getswitchinterval() / 2
     held = counted = 0
     give_up = time.perf_counter() + budget
     while counted < pings and time.perf_counter() < give_up:
         if not busy():
             time.sleep(0.001)  # not started yet: look again
             continue
-        w0, r0, c0 = time.perf_counter(), me.runq(), cpu()
+        # Nothing in the window but the sleep and C-level clock reads: any call that lets go
+        # of the GIL (a file read, say) would make the caller wait for it again, and measure that.
+        c0 = cpu()
+        w0 = time.perf_counter()
         time.sleep(0.001)
-        w1, r1, c1 = time.perf_counter(), me.runq(), cpu()
+        w1 = time.perf_counter()
+        c1 = cpu()
         if c1 - c0 < 0.5 * (w1 - w0):
             continue  # the thread hardly ran (queued for a CPU, or between calls): no evidence
         counted += 1
-        held += (w1 - w0) - 0.001 - (r1 - r0) >= threshold
+        held += (w1 - w0) - 0.001 >= threshold
+        if counted >= 3 and held in (0, counted):
+            break  # unanimous: more pings would only cost time
     return held / counted if counted >= 3 else None
 
 
