@@ -148,7 +148,7 @@ class Scheduler:
         self._rate_wait = 0.0
         while not self.exhausted:
             chunk = self.chunk_size()
-            window = self.gear.max_inflight() * chunk
+            window = self.gear.window(chunk)
             if self._outstanding >= window or self._admitted - self._outstanding >= 2 * window:
                 break
             if self._limiter is not None:

@@ -54,6 +54,10 @@ class Gear(ABC):
         """Batches worth keeping queued: enough that no worker waits for the next one."""
         return 2 * self.workers
 
+    def window(self, chunk: int) -> int:
+        """Items the engine may have in this gear at once, given its chunk size."""
+        return self.max_inflight() * chunk
+
     def check(self, fn: Callable[..., Any]) -> None:  # noqa: B027 - optional hook
         """Raise before any worker starts if ``fn`` cannot run in this gear."""
 

@@ -51,6 +51,7 @@ def is_async_callable(fn: Callable[..., Any]) -> bool:
 
 class AsyncGear(Gear):
     name = "async"
+    chunk_target = 0.5
 
     def __init__(self, workers: int | None = None) -> None:
         super().__init__(workers)
@@ -63,6 +64,10 @@ class AsyncGear(Gear):
         self._stop: asyncio.Event | None = None
         self._done: queue.SimpleQueue[list[Result] | None] = queue.SimpleQueue()
         self._native_done: list[Result] = []
+        self._inbox: list[Batch] = []
+        self._inbox_lock = threading.Lock()
+        self._inbox_scheduled = False
+        self._outbox: list[Result] = []
         self._native_event: asyncio.Event | None = None
         self._pool: DaemonThreadPool | None = None
         self._spec = RunSpec()
@@ -76,6 +81,11 @@ class AsyncGear(Gear):
 
     def max_inflight(self) -> int:
         return 2 * self.workers
+
+    def window(self, chunk: int) -> int:
+        # Every item becomes a task at once, so the window counts items, whatever the chunk:
+        # chunks here only save hand-offs between the caller and the loop.
+        return max(2 * self.workers, chunk)
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Run on ``loop`` (the caller's) instead of a loop of our own; call before ``open``."""
@@ -122,8 +132,21 @@ class AsyncGear(Gear):
         assert self._loop is not None
         if self._native:
             self._spawn(batch)
-        else:
-            self._loop.call_soon_threadsafe(self._spawn, batch)
+            return
+        # Coalesce: one loop wake-up (a self-pipe write) for all batches submitted meanwhile.
+        with self._inbox_lock:
+            self._inbox.append(batch)
+            if self._inbox_scheduled:
+                return
+            self._inbox_scheduled = True
+        self._loop.call_soon_threadsafe(self._spawn_inbox)
+
+    def _spawn_inbox(self) -> None:
+        with self._inbox_lock:
+            batches, self._inbox = self._inbox, []
+            self._inbox_scheduled = False
+        for batch in batches:
+            self._spawn(batch)
 
     def _spawn(self, batch: Batch) -> None:
         for task in batch.tasks:
@@ -141,8 +164,8 @@ class AsyncGear(Gear):
             known = self._is_async[id(fn)] = is_async_callable(fn)
         return known
 
-    async def _invoke(self, fn: Callable[[Any], Any], item: Any, token: CancelToken) -> Any:
-        if self._async(fn):
+    async def _invoke(self, fn: Callable[[Any], Any], item: Any, token: CancelToken | None) -> Any:
+        if token is None:  # a coroutine function: asyncio's own cancellation stops it
             return await fn(item)
         loop = asyncio.get_running_loop()
         ctx = contextvars.copy_context()
@@ -151,7 +174,7 @@ class AsyncGear(Gear):
             result = await result
         return result
 
-    def _in_thread(self, fn: Callable[[Any], Any], item: Any, token: CancelToken) -> Any:
+    def _in_thread(self, fn: Callable[[Any], Any], item: Any, token: CancelToken | None) -> Any:
         with bind_token(token):
             return fn(item)
 
@@ -159,16 +182,22 @@ class AsyncGear(Gear):
         assert self._sem is not None
         async with self._sem:
             start = time.perf_counter()
-            scope = asyncio.timeout(self._spec.timeout)  # None: no deadline
+            limit = self._spec.timeout
+            scope = None if limit is None else asyncio.timeout(limit)
             # A blocking fn runs on in its thread after a timeout: its own token tells it to stop.
-            token = CancelToken(self._token)
+            # (Made only for those: a token per coroutine would cost more than the coroutine.)
+            token = None if self._async(fn) else CancelToken(self._token)
             try:
-                async with scope:
+                if scope is None:
                     value = await self._invoke(fn, task.item, token)
+                else:
+                    async with scope:
+                        value = await self._invoke(fn, task.item, token)
             except Exception as exc:
                 elapsed = time.perf_counter() - start
-                if isinstance(exc, TimeoutError) and scope.expired():
-                    token.cancel()
+                if scope is not None and isinstance(exc, TimeoutError) and scope.expired():
+                    if token is not None:
+                        token.cancel()
                     limit = self._spec.timeout or 0.0
                     self._deliver(Outcome(task, False, TaskTimeout(limit, task.item, task.index), elapsed))
                 else:
@@ -189,8 +218,16 @@ class AsyncGear(Gear):
             assert self._native_event is not None
             self._native_done.append(outcome)
             self._native_event.set()
-        else:
-            self._done.put([outcome])
+            return
+        # Coalesce: the outcomes of one loop iteration reach the caller in one hand-off.
+        self._outbox.append(outcome)
+        if len(self._outbox) == 1:
+            asyncio.get_running_loop().call_soon(self._flush_outbox)
+
+    def _flush_outbox(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        if outbox:
+            self._done.put(outbox)
 
     def _raise_escaped(self) -> None:
         escaped, self._escaped = self._escaped, None
@@ -295,6 +332,9 @@ class AsyncGear(Gear):
         self._pool = None
         self._done = queue.SimpleQueue()
         self._native_done = []
+        self._inbox = []
+        self._inbox_scheduled = False
+        self._outbox = []
         self._is_async.clear()
         if not self._native:
             self._loop = None

@@ -126,6 +126,11 @@ class AutoGear(Gear):
     def default_workers(cls) -> int:
         return 2
 
+    def window(self, chunk: int) -> int:
+        if self._delegate is not None and self.phase in ("shifted", "serial"):
+            return self._delegate.window(chunk)
+        return super().window(chunk)
+
     def max_inflight(self) -> int:
         if self._delegate is not None and self.phase in ("shifted", "serial"):
             return self._delegate.max_inflight()
