@@ -168,7 +168,7 @@ def what_ran(results: Any) -> str | None:
         return None
     text = f"ran: {report.gear}, chunks of {report.chunksize}"
     speedup = getattr(getattr(report, "advice", None), "speedup", None)
-    if isinstance(speedup, float):
+    if isinstance(speedup, float) and speedup > 0:  # 0: chosen without a prediction (coroutines)
         text += f", predicted {speedup:.2f}x"
     return text
 
