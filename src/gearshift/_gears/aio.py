@@ -59,7 +59,8 @@ class AsyncGear(Gear):
         self._native = False
         self._thread: threading.Thread | None = None
         self._sem: asyncio.Semaphore | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # native mode; a task group tracks the others
+        self._main_task: asyncio.Task[Any] | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._stop: asyncio.Event | None = None
         self._done: queue.SimpleQueue[list[Result] | None] = queue.SimpleQueue()
@@ -113,12 +114,16 @@ class AsyncGear(Gear):
 
     def _serve(self, started: threading.Event) -> None:
         with asyncio.Runner(loop_factory=loop_factory()) as runner:
-            runner.run(self._main(started))
+            try:
+                runner.run(self._main(started))
+            except asyncio.CancelledError:
+                pass  # close(cancel=True): the task group cancelled every task and waited for them
 
     async def _main(self, started: threading.Event) -> None:
         self._loop = asyncio.get_running_loop()
         self._sem = asyncio.Semaphore(self.workers)
         self._stop = asyncio.Event()
+        self._main_task = asyncio.current_task()
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
@@ -149,12 +154,13 @@ class AsyncGear(Gear):
             self._spawn(batch)
 
     def _spawn(self, batch: Batch) -> None:
+        is_async = self._async(batch.fn)
         for task in batch.tasks:
-            coro = self._run(batch.fn, task)
+            coro = self._run(batch.fn, task, is_async)
             if self._tg is not None:
-                handle = self._tg.create_task(coro)
-            else:
-                handle = asyncio.get_running_loop().create_task(coro)
+                self._tg.create_task(coro)  # the task group keeps track of it
+                continue
+            handle = asyncio.get_running_loop().create_task(coro)
             self._tasks.add(handle)
             handle.add_done_callback(self._tasks.discard)
 
@@ -178,7 +184,7 @@ class AsyncGear(Gear):
         with bind_token(token):
             return fn(item)
 
-    async def _run(self, fn: Callable[[Any], Any], task: Task) -> None:
+    async def _run(self, fn: Callable[[Any], Any], task: Task, is_async: bool) -> None:
         assert self._sem is not None
         async with self._sem:
             start = time.perf_counter()
@@ -186,10 +192,10 @@ class AsyncGear(Gear):
             scope = None if limit is None else asyncio.timeout(limit)
             # A blocking fn runs on in its thread after a timeout: its own token tells it to stop.
             # (Made only for those: a token per coroutine would cost more than the coroutine.)
-            token = None if self._async(fn) else CancelToken(self._token)
+            token = None if is_async else CancelToken(self._token)
             try:
                 if scope is None:
-                    value = await self._invoke(fn, task.item, token)
+                    value = await (fn(task.item) if is_async else self._invoke(fn, task.item, token))
                 else:
                     async with scope:
                         value = await self._invoke(fn, task.item, token)
@@ -273,6 +279,8 @@ class AsyncGear(Gear):
 
     # -- shutdown -------------------------------------------------------------------------
     def _cancel_all(self) -> None:
+        if self._main_task is not None:
+            self._main_task.cancel()  # its task group cancels every task, then waits for them
         for handle in list(self._tasks):
             handle.cancel()
         if self._stop is not None:
@@ -328,6 +336,7 @@ class AsyncGear(Gear):
 
     def _reset(self) -> None:
         self._tasks.clear()
+        self._main_task = None
         self._thread = None
         self._pool = None
         self._done = queue.SimpleQueue()
