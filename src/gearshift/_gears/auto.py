@@ -28,6 +28,7 @@ import dataclasses
 import logging
 import math
 import queue
+import sys
 import time
 import warnings
 from collections import deque
@@ -71,6 +72,8 @@ PING_TRIES = 3
 FIRST_CHECK = 0.02
 #: Slice in which the caller polls probe threads.
 SLICE = 0.005
+#: GIL switch interval while shifting (starting workers next to a computing probe thread).
+SHIFT_SWITCH_INTERVAL = 0.0002
 #: How long ``close(cancel=True)`` waits for probe threads.
 CANCEL_GRACE = 1.5
 
@@ -422,6 +425,16 @@ class AutoGear(Gear):
     # -- shifted --------------------------------------------------------------------------
     def _shift(self, decision: Decision) -> None:
         """Run the rest in the chosen gear; items left in the feed or queue go there."""
+        # Starting workers makes many calls that let go of the GIL; while a probe thread
+        # computes, each would wait a whole switch interval (5 ms) to get it back.
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(interval, SHIFT_SWITCH_INTERVAL))
+        try:
+            self._shift_now(decision)
+        finally:
+            sys.setswitchinterval(interval)
+
+    def _shift_now(self, decision: Decision) -> None:
         fn = self._fn_or_fail()
         old = self._delegate
         gear = _GEARS[decision.gear](decision.workers)

@@ -293,7 +293,7 @@ class ProcessGear(Gear):
             self._deaths_in_row = 0
         elif kind == "done":
             _, bid, values, failures, elapsed = msg
-            self._batch_time = 0.7 * self._batch_time + 0.3 * elapsed
+            self._batch_time = elapsed if not self._batch_time else 0.7 * self._batch_time + 0.3 * elapsed
             head_bid, batch = proc.outstanding.popleft()
             assert head_bid == bid, (head_bid, bid)
             if not failures:
