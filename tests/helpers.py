@@ -84,3 +84,23 @@ def zero_free(never: str, x: int) -> int:
             raise TimeoutError(f"{never} never appeared")
         time.sleep(0.01)
     return x
+
+
+def spin(n: int) -> int:
+    """Pure-Python CPU work that holds the GIL: about 5 ms per 100k on this machine."""
+    total = 0
+    for i in range(n):
+        total += i * i
+    return total
+
+
+def nap(x: int) -> int:
+    """A blocking wait of 10 ms (a stand-in for blocking I/O)."""
+    time.sleep(0.01)
+    return x
+
+
+async def anap(x: int) -> int:
+    """An awaited wait of 10 ms (a stand-in for async I/O)."""
+    await asyncio.sleep(0.01)
+    return x

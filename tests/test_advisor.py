@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import hashlib
 import threading
@@ -10,6 +9,7 @@ import time
 from typing import Any
 
 import pytest
+from helpers import anap, nap, spin
 
 import gearshift as gs
 from gearshift._advisor.model import MAX_THREADS, Machine, Measurements, decide, predict, thread_workers
@@ -195,23 +195,6 @@ def test_thread_clock_reads_another_threads_cpu() -> None:
 
 
 # -- gs.advise on real functions -----------------------------------------------------------------
-def spin(n: int) -> int:
-    total = 0
-    for i in range(n):
-        total += i * i
-    return total
-
-
-def nap(x: int) -> int:
-    time.sleep(0.01)
-    return x
-
-
-async def anap(x: int) -> int:
-    await asyncio.sleep(0.01)
-    return x
-
-
 def test_advise_pure_python_cpu_picks_processes() -> None:
     advice = gs.advise(spin, [60_000] * 6)
     m = advice.measurements

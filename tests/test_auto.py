@@ -12,28 +12,10 @@ import warnings
 from collections import Counter
 
 import pytest
+from helpers import anap, nap, spin
 
 import gearshift as gs
 from gearshift._advisor.model import Machine
-
-
-def spin(n: int) -> int:
-    """About 5 ms of pure-Python CPU work per 100k (holds the GIL)."""
-    total = 0
-    for i in range(n):
-        total += i * i
-    return total
-
-
-def nap(x: int) -> int:
-    time.sleep(0.01)
-    return x
-
-
-async def anap(x: int) -> int:
-    await asyncio.sleep(0.01)
-    return x
-
 
 BUF = b"x" * (1 << 20)
 
