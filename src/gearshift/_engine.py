@@ -116,7 +116,9 @@ class Scheduler:
         self._admitted = 0  # tasks taken from the input and not yet released
         self._retry_heap: list[tuple[float, int, Task]] = []
         self._retry_seq = itertools.count()
-        self._buffer: dict[int, Any] = {}  # ordered: finished results waiting for their turn
+        # Ordered runs: finished results waiting for their turn, as runs of consecutive
+        # results keyed by the input position of their first (one entry per batch, not per item).
+        self._buffer: dict[int, list[Any]] = {}
         self._next_release = 0
         self.ready: deque[tuple[int, Any]] = deque()
         self._per_item: float | None = None
@@ -195,8 +197,7 @@ class Scheduler:
                         self._admitted -= n
                         self._next_release += n
                         continue
-                    for i, value in enumerate(values, first):
-                        self._release(i, value)
+                    self._release_run(first, values)
                 else:
                     for i, value in enumerate(values, outcome.first):
                         self._release(batch.task(i).index, value)
@@ -249,18 +250,22 @@ class Scheduler:
         )
 
     def _release(self, index: int, value: Any) -> None:
-        if not self.ordered:
-            self._emit(index, value)
-            return
-        self._buffer[index] = value
-        while self._next_release in self._buffer:
-            self._emit(self._next_release, self._buffer.pop(self._next_release))
-            self._next_release += 1
+        self._release_run(index, [value])
 
-    def _emit(self, index: int, value: Any) -> None:
-        self._admitted -= 1
-        if value is not _SKIP:
-            self.ready.append((index, value))
+    def _release_run(self, first: int, values: list[Any]) -> None:
+        """Release results for input positions ``first``, ``first + 1``, ... (in order, when ordered)."""
+        if not self.ordered:
+            self._emit(first, values)
+            return
+        self._buffer[first] = values
+        while (run := self._buffer.pop(self._next_release, None)) is not None:
+            self._emit(self._next_release, run)
+            self._next_release += len(run)
+
+    def _emit(self, first: int, values: list[Any]) -> None:
+        self._admitted -= len(values)
+        pairs = zip(range(first, first + len(values)), values, strict=True)
+        self.ready.extend(pair for pair in pairs if pair[1] is not _SKIP)
 
     # -- driving --------------------------------------------------------------------------
     @property
@@ -284,7 +289,9 @@ class Scheduler:
 
     def buffered(self) -> dict[int, Any]:
         """Results finished but not yet released (for ``partial_results`` on an interrupt)."""
-        return {i: v for i, v in self._buffer.items() if v is not _SKIP}
+        return {
+            first + i: v for first, run in self._buffer.items() for i, v in enumerate(run) if v is not _SKIP
+        }
 
     def finish(self) -> None:
         self._progress.close()

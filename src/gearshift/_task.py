@@ -158,6 +158,11 @@ def close_runner() -> None:
         _runners.runner = None
 
 
+def run_coroutine(coro: Any) -> Any:
+    """Run a coroutine to completion on this thread's own event loop."""
+    return _runner().run(coro)
+
+
 def call(fn: Callable[[Any], Any], item: Any) -> Any:
     """Run ``fn(item)``; a coroutine it returns is run to completion on this thread's loop."""
     result = fn(item)

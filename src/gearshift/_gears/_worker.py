@@ -22,6 +22,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from types import CoroutineType
 from typing import Any
 
 import cloudpickle
@@ -84,13 +85,22 @@ def _pack_results(bid: int, values: list[Any], failures: dict[int, str] | None, 
     return dumps(("done", bid, values, failures, elapsed))
 
 
-def main(conn: Any, tags: Any, starts: Any, wid: int, parent: int, init: bytes | None, max_tasks: int | None) -> None:
+def main(
+    conn: Any,
+    tags: Any,
+    starts: Any,
+    wid: int,
+    parent: int,
+    init: bytes | None,
+    max_tasks: int | None,
+    timed: bool = False,
+) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     # SIGTERM is how the parent stops us: a handler inherited through fork (the engine's, which
     # raises SystemExit, or the program's own) would turn it into a failed item and cost a 1 s grace.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="gearshift-watch").start()
-    from gearshift._task import call  # after fork, so a forkserver preload stays light
+    from gearshift._task import run_coroutine  # after fork, so a forkserver preload stays light
 
     if init is not None:
         initializer, initargs = pickle.loads(init)
@@ -122,10 +132,14 @@ def main(conn: Any, tags: Any, starts: Any, wid: int, parent: int, init: bytes |
         tag = bid << POS_BITS
         start = perf()
         for pos, item in enumerate(items):
-            starts[wid] = monotonic()
+            if timed:  # the parent reads start times only to enforce a timeout
+                starts[wid] = monotonic()
             tags[wid] = tag | pos
             try:
-                append(call(fn, item))
+                value = fn(item)
+                if type(value) is CoroutineType:
+                    value = run_coroutine(value)
+                append(value)
             except BaseException as exc:  # SystemExit and friends fail the item, not the worker
                 failures = failures or {}
                 failures[pos] = "".join(traceback.format_exception(exc))

@@ -184,6 +184,7 @@ class ProcessGear(Gear):
                 os.getpid(),
                 self._init_bytes,
                 self._spec.max_tasks_per_worker,
+                self._spec.timeout is not None,
             ),
             name=f"gearshift-process-{wid}",
         )
