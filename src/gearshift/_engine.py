@@ -178,12 +178,11 @@ class Scheduler:
         """Take outcomes back; under ``errors="raise"`` re-raise the first final failure."""
         timed = 0.0
         released = 0
-        ready = self.ready
         report = self.report
         for outcome in outcomes:
             timed += outcome.elapsed
             if type(outcome) is Done:
-                # The fast path: a run of successes, released with C-level loops where it can.
+                # The fast path: a run of successes, released as one run.
                 values = outcome.values
                 n = len(values)
                 released += n
@@ -191,13 +190,7 @@ class Scheduler:
                 self._outstanding -= n
                 batch = outcome.batch
                 if batch.start >= 0:
-                    first = batch.start + outcome.first
-                    if not self.ordered or (first == self._next_release and not self._buffer):
-                        ready.extend(zip(range(first, first + n), values, strict=True))
-                        self._admitted -= n
-                        self._next_release += n
-                        continue
-                    self._release_run(first, values)
+                    self._release_run(batch.start + outcome.first, values)
                 else:
                     for i, value in enumerate(values, outcome.first):
                         self._release(batch.task(i).index, value)
@@ -208,14 +201,7 @@ class Scheduler:
             if outcome.ok:
                 report.succeeded += 1
                 released += 1
-                index = task.index
-                if not self.ordered or (index == self._next_release and not self._buffer):
-                    # The common case, inlined: tiny tasks spend their whole cost here.
-                    ready.append((index, outcome.value))
-                    self._admitted -= 1
-                    self._next_release += 1
-                else:
-                    self._release(index, outcome.value)
+                self._release(task.index, outcome.value)
                 continue
             exc = outcome.value
             if self.retry is not None and self.retry.should_retry(exc, task.attempt):
@@ -253,19 +239,25 @@ class Scheduler:
         self._release_run(index, [value])
 
     def _release_run(self, first: int, values: list[Any]) -> None:
-        """Release results for input positions ``first``, ``first + 1``, ... (in order, when ordered)."""
-        if not self.ordered:
-            self._emit(first, values)
+        """Release results for input positions ``first``, ``first + 1``, ... (in order, when ordered).
+
+        Runs are never merged, so a skipped item is always a run of its own (``[_SKIP]``).
+        """
+        if self.ordered and (first != self._next_release or self._buffer):
+            self._buffer[first] = values  # an earlier item is still running: wait for it
+            while (run := self._buffer.pop(self._next_release, None)) is not None:
+                self._emit(self._next_release, run)
+                self._next_release += len(run)
             return
-        self._buffer[first] = values
-        while (run := self._buffer.pop(self._next_release, None)) is not None:
-            self._emit(self._next_release, run)
-            self._next_release += len(run)
+        self._emit(first, values)
+        self._next_release += len(values)  # (only read when ordered)
 
     def _emit(self, first: int, values: list[Any]) -> None:
-        self._admitted -= len(values)
-        pairs = zip(range(first, first + len(values)), values, strict=True)
-        self.ready.extend(pair for pair in pairs if pair[1] is not _SKIP)
+        n = len(values)
+        self._admitted -= n
+        if n == 1 and values[0] is _SKIP:
+            return
+        self.ready.extend(zip(range(first, first + n), values, strict=True))
 
     # -- driving --------------------------------------------------------------------------
     @property
