@@ -16,11 +16,49 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
+import time
+import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar, TypeVar
 
 from gearshift._task import Batch, Result, RunSpec
+
+#: How long closing waits for threads whose functions were cancelled: threads cannot be killed.
+CANCEL_GRACE = 1.5
+
+_Thread = TypeVar("_Thread", bound=threading.Thread)
+
+
+def join_threads(threads: Iterable[_Thread], grace: Callable[[_Thread], bool], what: str) -> None:
+    """Join ``threads``; the ones ``grace`` picks (cancelled, timed out) get ``CANCEL_GRACE`` in all.
+
+    Joins in slices, so the main thread keeps receiving signals (Ctrl-C). A thread still
+    running after its grace is left to finish (a daemon) and named in a RuntimeWarning.
+    """
+    deadline = time.monotonic() + CANCEL_GRACE
+    stuck = []
+    for thread in threads:
+        if grace(thread):
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                stuck.append(thread.name)
+        else:
+            while thread.is_alive():
+                thread.join(0.1)
+    warn_stuck(stuck, what)
+
+
+def warn_stuck(names: list[str], what: str) -> None:
+    """Say which threads outlived their cancellation, and why that happens."""
+    if names:
+        warnings.warn(
+            f"gearshift: {len(names)} {what} did not stop within {CANCEL_GRACE}s of cancellation "
+            f"({', '.join(names)}); their functions ignore gs.cancelled() and will finish on their own",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 def cpu_count() -> int:

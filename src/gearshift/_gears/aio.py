@@ -17,18 +17,14 @@ import inspect
 import queue
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 from gearshift._cancel import CancelToken, bind_token
-from gearshift._gears._base import Gear
+from gearshift._gears._base import CANCEL_GRACE, Gear, warn_stuck
 from gearshift._gears._blocking import DaemonThreadPool
 from gearshift._task import Batch, Outcome, Result, RunSpec, Task, format_tb
 from gearshift.errors import InitializerError, TaskTimeout
-
-#: Seconds ``close(cancel=True)`` waits for the loop thread to finish cancelling.
-CANCEL_GRACE = 1.5
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
@@ -303,15 +299,7 @@ class AsyncGear(Gear):
         if self._pool is not None:
             # Only timed-out (or cancelled) blocking calls can still run: give them a grace period.
             self._pool.shutdown(wait=False, cancel_futures=True)
-            stuck = self._pool.join(CANCEL_GRACE)
-            if stuck:
-                warnings.warn(
-                    f"gearshift: {len(stuck)} thread(s) of the async gear did not stop within {CANCEL_GRACE}s "
-                    f"of cancellation ({', '.join(stuck)}); their functions ignore gs.cancelled() and "
-                    "will finish on their own",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+            warn_stuck(self._pool.join(CANCEL_GRACE), "thread(s) of the async gear")
         self._reset()
 
     async def aclose(self, cancel: bool = False) -> None:

@@ -30,7 +30,6 @@ import math
 import queue
 import sys
 import time
-import warnings
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -50,7 +49,7 @@ from gearshift._advisor.probes import (
     wait_fraction,
 )
 from gearshift._cancel import CancelToken
-from gearshift._gears._base import Gear
+from gearshift._gears._base import Gear, join_threads
 from gearshift._gears.aio import AsyncGear, is_async_callable
 from gearshift._gears.process import ProcessGear
 from gearshift._gears.serial import SerialGear
@@ -74,8 +73,6 @@ FIRST_CHECK = 0.02
 SLICE = 0.005
 #: GIL switch interval while shifting (starting workers next to a computing probe thread).
 SHIFT_SWITCH_INTERVAL = 0.0002
-#: How long ``close(cancel=True)`` waits for probe threads.
-CANCEL_GRACE = 1.5
 
 _GEARS: dict[str, type[Gear]] = {"serial": SerialGear, "thread": ThreadGear, "process": ProcessGear, "async": AsyncGear}
 
@@ -501,24 +498,8 @@ class AutoGear(Gear):
             self._join_probes(cancel)
 
     def _join_probes(self, cancel: bool) -> None:
-        stuck = []
-        deadline = time.monotonic() + CANCEL_GRACE
-        for thread in self._probes:
-            if cancel or thread.expired is not None:
-                thread.join(max(0.0, deadline - time.monotonic()))
-                if thread.is_alive():
-                    stuck.append(thread.name)
-            else:
-                while thread.is_alive():
-                    thread.join(0.1)  # in slices: the main thread keeps receiving signals
-        self._probes = []
-        if stuck:
-            warnings.warn(
-                f"gearshift: probe thread(s) {', '.join(stuck)} did not stop within {CANCEL_GRACE}s; "
-                "their functions ignore gs.cancelled() and will finish on their own",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        probes, self._probes = self._probes, []
+        join_threads(probes, lambda thread: cancel or thread.expired is not None, "probe thread(s)")
 
     def describe(self) -> str:
         if self.phase in ("shifted", "serial") and self._delegate is not None and self.decision is not None:

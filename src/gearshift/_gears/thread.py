@@ -11,16 +11,12 @@ from __future__ import annotations
 import queue
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 
 from gearshift._cancel import CancelToken
-from gearshift._gears._base import Gear, cpu_count
+from gearshift._gears._base import Gear, cpu_count, join_threads
 from gearshift._task import Batch, Outcome, Result, RunSpec, close_runner, run_batch, run_task
 from gearshift.errors import InitializerError, TaskTimeout
-
-#: How long ``close(cancel=True)`` waits for threads to notice their token.
-CANCEL_GRACE = 1.5
 
 
 @dataclass(slots=True)
@@ -206,24 +202,7 @@ class ThreadGear(Gear):
             abandoned = {ident for ident, running in self._running.items() if running.timed_out}
         for _ in threads:
             self._work.put(None)
-        deadline = time.monotonic() + CANCEL_GRACE
-        stuck = []
-        for thread in threads:
-            if not cancel and thread.ident not in abandoned:
-                # Join in slices so the main thread keeps receiving signals (Ctrl-C).
-                while thread.is_alive():
-                    thread.join(0.1)
-            else:
-                thread.join(max(0.0, deadline - time.monotonic()))
-                if thread.is_alive():
-                    stuck.append(thread.name)
-        if stuck:
-            warnings.warn(
-                f"gearshift: {len(stuck)} thread(s) did not stop within {CANCEL_GRACE}s of cancellation "
-                f"({', '.join(stuck)}); their functions ignore gs.cancelled() and will finish on their own",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        join_threads(threads, lambda thread: cancel or thread.ident in abandoned, "thread(s)")
         self._running.clear()
         self._stuck = 0
         self._idle = threading.Semaphore(0)
