@@ -15,6 +15,7 @@ __all__ = [
     "GearshiftError",
     "InitializerError",
     "RemoteTraceback",
+    "TaskCancelled",
     "TaskTimeout",
     "UnpicklableError",
     "WorkerCrashed",
@@ -57,6 +58,23 @@ class WorkerCrashed(GearshiftError):
             f"worker process died ({describe_exit(exitcode)}) while running item"
             f"{'' if index is None else f' #{index}'} {short_repr(item)}"
         )
+
+
+class TaskCancelled(GearshiftError):
+    """A coroutine ended in ``asyncio.CancelledError`` that the run did not ask for.
+
+    (It awaited a future someone else cancelled, say.) Wrapped so that asyncio never
+    mistakes it for the cancellation of the caller's own task; the original is ``__cause__``.
+    """
+
+    def __init__(self, item: Any = None, index: int | None = None) -> None:
+        self.item = item
+        self.index = index
+        where = "" if index is None else f" #{index}"
+        super().__init__(f"item{where} {short_repr(item)} ended in asyncio.CancelledError")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.item, self.index))
 
 
 class InitializerError(GearshiftError):
