@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any, Literal
 
-from gearshift._engine import ErrorPolicy, Report, Scheduler, adrive, drive
+from gearshift._engine import ErrorPolicy, PullArg, Report, Scheduler, adrive, drive
 from gearshift._gears import Gear, make_gear
 from gearshift._progress import ProgressArg
 from gearshift._retry import Retry
@@ -89,22 +90,33 @@ def _prepare(
     initializer: Callable[..., Any] | None,
     initargs: tuple[Any, ...],
     max_tasks_per_worker: int | None,
+    pull: PullArg,
 ) -> tuple[Scheduler, Gear, RunSpec]:
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-    if timeout is not None and timeout <= 0:
-        raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
+    timeout = _check_timeout(timeout)
     if max_tasks_per_worker is not None and max_tasks_per_worker < 1:
         raise ValueError(f"max_tasks_per_worker must be >= 1, got {max_tasks_per_worker!r}")
     the_gear = make_gear(gear, _workers(workers, concurrency))
     scheduler = Scheduler(
         fn, items, the_gear, ordered=ordered, chunksize=chunksize, errors=errors, retries=retries,
-        rate=rate, progress=progress,
+        rate=rate, progress=progress, pull=pull,
     )
     # The auto gear reports its choice on the run's report, and sizes it from the input's length.
     extra = {"report": scheduler.report, "total": scheduler.total}
     spec = RunSpec(timeout, initializer, tuple(initargs), max_tasks_per_worker, extra)
     return scheduler, the_gear, spec
+
+
+def _check_timeout(timeout: float | None) -> float | None:
+    """Seconds per item, or None: ``inf`` means no timeout; nan, zero and negatives are refused."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
+    if math.isnan(timeout) or timeout <= 0:
+        raise ValueError(f"timeout must be positive seconds (or None / inf for none), got {timeout!r}")
+    return None if math.isinf(timeout) else float(timeout)
 
 
 def _refuse_running_loop(name: str) -> None:
@@ -135,6 +147,7 @@ def imap(
     initializer: Callable[..., Any] | None = None,
     initargs: tuple[Any, ...] = (),
     max_tasks_per_worker: int | None = None,
+    pull: PullArg = "auto",
 ) -> ResultIterator:
     """Lazily yield ``fn(item)`` for each item, running them concurrently in ``gear``.
 
@@ -144,7 +157,7 @@ def imap(
     _refuse_running_loop("imap")
     scheduler, the_gear, spec = _prepare(
         fn, items, gear, workers, concurrency, ordered, chunksize, errors, progress, timeout, retries, rate,
-        initializer, initargs, max_tasks_per_worker,
+        initializer, initargs, max_tasks_per_worker, pull,
     )
     return ResultIterator(drive(scheduler, the_gear, spec), scheduler)
 
@@ -166,6 +179,7 @@ def map(  # noqa: A001 - the name is the point
     initializer: Callable[..., Any] | None = None,
     initargs: tuple[Any, ...] = (),
     max_tasks_per_worker: int | None = None,
+    pull: PullArg = "auto",
 ) -> Results:
     """Run ``fn`` over ``items`` concurrently and return the results as a list.
 
@@ -178,18 +192,35 @@ def map(  # noqa: A001 - the name is the point
     errors:    "raise" cancels the rest and re-raises the first error (with the item and
                the worker's traceback); "collect" puts a ``gs.Failure`` in its place;
                "skip" drops it (counted in ``report.skipped``).
-    timeout:   seconds per item; the item fails with ``gs.TaskTimeout``.
+    timeout:   seconds per item, counted from its start; the item fails with ``gs.TaskTimeout``
+               (``None`` or ``inf``: no timeout).
     retries:   extra attempts per item (int) or a ``gs.Retry`` policy.
-    rate:      at most this many item starts, e.g. ``"50/s"``.
+    rate:      at most this many item starts, e.g. ``"50/s"``, counted per item (retries
+               included), with a burst of a tenth of a second's worth at most; under a rate
+               at most ``workers`` items are in flight, so none waits in a queue.
+    pull:      how the input is read. "auto": a sized input (list, tuple, range, dict...)
+               on the calling thread, any other iterable (a generator, a file, a socket
+               reader) by a thread of its own ("gearshift-source"), so a slow or blocked
+               input never delays results or timeouts; memory stays bounded. "thread" or
+               "caller" force one way; "caller" is for inputs bound to their thread (a
+               sqlite3 cursor is detected and read there by "auto"), at the cost of the
+               run waiting while the input does. The input's thread stops between items:
+               after an early end (an error, Ctrl-C, a closed ``imap``) it gets a grace
+               period to return its next item, and is then left to finish with a warning.
     progress:  a progress bar on stderr when it is a terminal (``"force"``: always).
 
     On an exception (Ctrl-C included) the results finished so far are on the exception as
-    ``partial_results`` (a dict from input position to result).
+    ``partial_results`` (a dict from input position to result). When the input iterator
+    itself raises, every item it produced before is run and delivered first, then its
+    exception is raised (``partial_results`` holds them all).
+
+    A Gear object may be passed for run after run; it runs one run at a time, and a second
+    run started on it while it is in use is refused with RuntimeError.
     """
     _refuse_running_loop("map")
     scheduler, the_gear, spec = _prepare(
         fn, items, gear, workers, concurrency, ordered, chunksize, errors, progress, timeout, retries, rate,
-        initializer, initargs, max_tasks_per_worker,
+        initializer, initargs, max_tasks_per_worker, pull,
     )
     done: dict[int, Any] = {}
     results = Results()
@@ -226,6 +257,7 @@ async def amap(
     initializer: Callable[..., Any] | None = None,
     initargs: tuple[Any, ...] = (),
     max_tasks_per_worker: int | None = None,
+    pull: PullArg = "auto",
 ) -> AsyncIterator[Any]:
     """``gs.imap`` for async code: ``async for result in gs.amap(fetch, urls, concurrency=100)``.
 
@@ -235,7 +267,7 @@ async def amap(
     """
     scheduler, the_gear, spec = _prepare(
         fn, items, gear, workers, concurrency, ordered, chunksize, errors, progress, timeout, retries, rate,
-        initializer, initargs, max_tasks_per_worker,
+        initializer, initargs, max_tasks_per_worker, pull,
     )
     chunks = adrive(scheduler, the_gear, spec)
     async with contextlib.aclosing(chunks):

@@ -5,6 +5,12 @@ input into batches (bounded window, adaptive chunk size, rate limit), takes outc
 back (retries, error policy, progress) and releases results (in input order or as
 they complete). Two thin drivers move it: ``drive`` for sync callers (``gs.map``,
 ``gs.imap``) and ``adrive`` for async ones (``gs.amap``). A gear only runs batches.
+
+Input is pulled without blocking the delivery of results or the enforcement of
+timeouts: a sized input (a list, a range, a dict) is read inline, since taking its
+next items cannot block; any other iterable is read by a thread of its own
+("gearshift-source") into a buffer bounded by the run's window, which wakes the gear
+when items arrive. The scheduler only takes what is there.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from collections import Counter, deque
 from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -22,6 +29,7 @@ from types import FrameType
 from typing import Any, Literal
 
 from gearshift._gears import Gear
+from gearshift._gears._base import CANCEL_GRACE
 from gearshift._gears.aio import AsyncGear
 from gearshift._progress import Progress, ProgressArg, make_progress
 from gearshift._rate import RateLimiter, parse_rate
@@ -31,6 +39,8 @@ from gearshift.errors import Failure, short_repr
 
 ErrorPolicy = Literal["raise", "collect", "skip"]
 ERROR_POLICIES = ("raise", "collect", "skip")
+PullArg = Literal["auto", "thread", "caller"]
+PULL_MODES = ("auto", "thread", "caller")
 #: Longest a driver blocks at once, so the main thread keeps handling signals promptly.
 POLL = 0.25
 #: Largest chunk ever formed, whatever the measurements say.
@@ -78,6 +88,171 @@ def fn_name(fn: Callable[..., Any]) -> str:
     return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or short_repr(fn, 60)
 
 
+def input_length(items: object) -> int | None:
+    """``len(items)``, or None when it has none (a generator) or cannot say (``range(10**20)``)."""
+    try:
+        return len(items)  # type: ignore[arg-type]
+    except Exception:  # TypeError, OverflowError, or whatever a custom __len__ raises
+        return None
+
+
+def _bound_to_its_thread(items: object) -> bool:
+    """Inputs known to refuse being read from another thread (sqlite3 cursors and connections)."""
+    return type(items).__module__ in ("sqlite3", "_sqlite3")
+
+
+def _nothing() -> None:
+    pass
+
+
+class _Inline:
+    """Input read on the caller's thread: sized inputs, whose next items never block, or ``pull="caller"``."""
+
+    threaded = False
+
+    def __init__(self, items: Iterable[Any]) -> None:
+        self._it = iter(items)
+        self.done = False
+        self.error: BaseException | None = None
+        self.capacity = 1
+
+    @property
+    def exhausted(self) -> bool:
+        return self.done
+
+    def start(self, wake: Callable[[], None]) -> None:
+        pass
+
+    def take(self, n: int, partial_ok: bool) -> list[Any]:
+        if self.done:
+            return []
+        items: list[Any] = []
+        try:
+            items.extend(itertools.islice(self._it, n))  # keeps what came before an exception
+        except Exception as exc:
+            self.error = exc
+            self.done = True
+        else:
+            if len(items) < n:
+                self.done = True
+        return items
+
+    def stop(self) -> None:
+        pass
+
+    def join(self) -> None:
+        pass
+
+
+class _Puller:
+    """Input read by a thread of its own into a buffer of at most ``capacity`` items.
+
+    The scheduler never blocks on it: ``take`` returns what is there. When the scheduler
+    wants items that are not there yet, the thread wakes the gear (``wake``) once they
+    are, so a ``collect`` blocked meanwhile returns and the items are dispatched at once.
+    The buffer is a deque (thread-safe appends and pops) and the hand-shake two flags,
+    each written by one side and read by the other, so the hot path takes no lock.
+    """
+
+    threaded = True
+
+    def __init__(self, items: Iterable[Any], capacity: int) -> None:
+        self._it = iter(items)
+        self._buf: deque[Any] = deque()
+        self.capacity = capacity
+        self._want = 0  # written by the scheduler: wake the gear once the buffer holds this many
+        self._room = threading.Event()
+        self._stopping = False
+        self._wake: Callable[[], None] = _nothing
+        self.done = False  # the input ended or raised: nothing more will be buffered
+        self.error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def exhausted(self) -> bool:
+        return self.done and not self._buf
+
+    def start(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+        self._thread = threading.Thread(target=self._pull, name="gearshift-source", daemon=True)
+        self._thread.start()
+
+    def _pull(self) -> None:
+        it, buf = self._it, self._buf
+        try:
+            while not self._stopping:
+                if len(buf) >= self.capacity:
+                    self._room.clear()
+                    if len(buf) >= self.capacity and not self._stopping:
+                        self._room.wait(POLL)
+                    continue
+                try:
+                    item = next(it)
+                except StopIteration:
+                    return
+                buf.append(item)
+                want = self._want
+                if want and len(buf) >= want:
+                    self._want = 0
+                    self._call_wake()
+        except BaseException as exc:  # the input's own error: raised after its items are delivered
+            self.error = exc
+        finally:
+            self.done = True
+            self._call_wake()
+
+    def _call_wake(self) -> None:
+        try:
+            self._wake()
+        except Exception:  # the gear closed meanwhile: nobody is waiting
+            pass
+
+    def take(self, n: int, partial_ok: bool) -> list[Any]:
+        """Up to ``n`` buffered items, now; fewer only if ``partial_ok`` or the input ended."""
+        buf = self._buf
+        for second_look in (False, True):
+            done = self.done  # read before the buffer: whatever was appended before it is seen
+            have = len(buf)
+            if have >= n or (have and (partial_ok or done)):
+                items = [buf.popleft() for _ in range(min(n, have))]
+                self._room.set()
+                return items
+            if done or second_look:
+                return []
+            # Ask to be woken, then look once more: the thread may have appended meanwhile.
+            self._want = 1 if partial_ok else n
+        return []
+
+    def stop(self) -> None:
+        """Ask the thread to stop after the item it is reading (non-blocking)."""
+        self._stopping = True
+        self._wake = _nothing
+        self._room.set()
+
+    def join(self) -> None:
+        """Wait for the thread, in slices (Ctrl-C stays prompt), for ``CANCEL_GRACE`` at most.
+
+        A thread can only stop between items: one blocked inside the input (a socket that
+        never answers) is left to finish on its own, named in a RuntimeWarning.
+        """
+        self.stop()
+        thread = self._thread
+        if thread is None:
+            return
+        deadline = time.monotonic() + CANCEL_GRACE
+        while thread.is_alive() and time.monotonic() < deadline:
+            thread.join(0.05)
+        self._buf.clear()
+        if thread.is_alive():
+            warnings.warn(
+                f"gearshift: the input iterator {short_repr(self._it, 60)} did not return its next item "
+                f"within {CANCEL_GRACE}s of the run's end; its thread ({thread.name}) is left to finish on "
+                "its own. Pass pull='caller' to read the input on the calling thread instead.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+
 class Scheduler:
     """Admission, chunking, retries, error policy and ordering for one run (no I/O)."""
 
@@ -93,7 +268,10 @@ class Scheduler:
         retries: int | Retry | None = None,
         rate: str | float | None = None,
         progress: ProgressArg = False,
+        pull: PullArg = "auto",
     ) -> None:
+        if pull not in PULL_MODES:
+            raise ValueError(f"pull must be one of {PULL_MODES}, got {pull!r}")
         if errors not in ERROR_POLICIES:
             raise ValueError(f"errors must be one of {ERROR_POLICIES}, got {errors!r}")
         if chunksize != "auto" and (isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1):
@@ -105,13 +283,10 @@ class Scheduler:
         self.retry = as_retry(retries)
         self._fixed_chunk = None if chunksize == "auto" else chunksize
         self._limiter = None if rate is None else RateLimiter(parse_rate(rate))
-        try:
-            self.total: int | None = len(items)  # type: ignore[arg-type]
-        except TypeError:
-            self.total = None
-        self._source: Iterator[Any] = iter(items)
+        self.total: int | None = input_length(items)
+        inline = pull == "caller" or (pull == "auto" and (self.total is not None or _bound_to_its_thread(items)))
+        self._source: _Inline | _Puller = _Inline(items) if inline else _Puller(items, max(1, gear.window(1)))
         self._next_index = 0
-        self.exhausted = False
         self._outstanding = 0  # tasks handed to the gear, no outcome yet
         self._admitted = 0  # tasks taken from the input and not yet released
         self._retry_heap: list[tuple[float, int, Task]] = []
@@ -132,7 +307,7 @@ class Scheduler:
         if self._fixed_chunk is not None:
             return self._fixed_chunk
         target = self.gear.chunk_target
-        if target <= 0 or self._limiter is not None or self._per_item is None:
+        if target <= 0 or self._per_item is None:
             return 1
         size = int(target / max(self._per_item, 1e-7))
         if self.total is not None:
@@ -140,31 +315,77 @@ class Scheduler:
             size = min(size, math.ceil(remaining / (CHUNKS_PER_WORKER * self.gear.workers)))
         return max(1, min(size, MAX_CHUNK))
 
+    @property
+    def exhausted(self) -> bool:
+        """No more fresh input: the source ended (or raised) and everything it gave was admitted."""
+        return self._source.exhausted
+
+    @property
+    def reads_on_thread(self) -> bool:
+        return self._source.threaded
+
+    def start(self, wake: Callable[[], None]) -> None:
+        """Start reading the input (a thread for an unsized one); ``wake`` wakes the gear's ``collect``.
+
+        Called after the gear opened: a gear that forks its workers does so before any
+        thread of ours runs user code (the input's iterator is user code).
+        """
+        self._source.start(wake)
+
+    def stop(self) -> None:
+        """Stop reading the input (without waiting)."""
+        self._source.stop()
+
+    def join(self) -> None:
+        """Wait for the input's thread to end (see ``_Puller.join``)."""
+        self._source.join()
+
+    def _window(self, chunk: int) -> int:
+        # Under a rate no item waits in a gear's queue (one item per worker at most), so an
+        # item starts when its token is taken, never in a clump after a queue drains.
+        return self.gear.workers if self._limiter is not None else self.gear.window(chunk)
+
     def take_batches(self, now: float) -> list[Batch]:
-        """The batches to hand to the gear now: due retries first, then fresh input."""
+        """The batches to hand to the gear now: due retries first, then fresh input.
+
+        Never blocks: fresh input is what the source holds now. Under a rate every item
+        takes a token, retries included, and a batch holds no more items than tokens are free.
+        """
         batches: list[Batch] = []
+        limiter = self._limiter
+        self._rate_wait = 0.0
         while self._retry_heap and self._retry_heap[0][0] <= now:
+            if limiter is not None:
+                if self._outstanding >= self._window(1):
+                    break
+                if not limiter.available(now):
+                    self._rate_wait = limiter.wait_time(now)
+                    break
+                limiter.take(1)
             _, _, task = heapq.heappop(self._retry_heap)
             batches.append(Batch(self.fn, [task]))
             self._outstanding += 1
-        self._rate_wait = 0.0
-        while not self.exhausted:
+        source = self._source
+        if source.error is not None and not isinstance(source.error, Exception):
+            raise source.error  # SystemExit or the like from the input: stop now, not after its items
+        while not self._rate_wait and not source.exhausted:
             chunk = self.chunk_size()
-            window = self.gear.window(chunk)
+            window = self._window(chunk)
             if self._outstanding >= window or self._admitted - self._outstanding >= 2 * window:
                 break
-            if self._limiter is not None:
-                wait = self._limiter.wait_time(now)
-                if wait > 0:
-                    self._rate_wait = wait
+            if limiter is not None:
+                chunk = min(chunk, window - self._outstanding, limiter.available(now))
+                if chunk < 1:
+                    self._rate_wait = limiter.wait_time(now)
                     break
-                self._limiter.take()
-            items = list(itertools.islice(self._source, chunk))
+            source.capacity = max(window, chunk)
+            # A short batch is worth sending only while the gear runs low; otherwise wait for a full one.
+            items = source.take(chunk, partial_ok=self._outstanding < max(1, window // 2))
             n = len(items)
-            if n < chunk:
-                self.exhausted = True
             if not n:
                 break
+            if limiter is not None:
+                limiter.take(n)
             batches.append(Batch.run(self.fn, self._next_index, items))
             self._next_index += n
             self._outstanding += n
@@ -172,6 +393,23 @@ class Scheduler:
             if n > self.report.chunksize:
                 self.report.chunksize = n
         return batches
+
+    def raise_input_error(self) -> None:
+        """At the end of a run, raise the exception the input raised, after its items' results.
+
+        Everything the iterator produced before it raised was run and delivered, as
+        multiprocessing's ``imap`` does; the exception itself is the input's own.
+        """
+        exc = self._source.error
+        if exc is None:
+            return
+        exc.add_note(f"gearshift: the input raised after {self._next_index} items; their results were delivered")
+        if type(exc).__name__ == "ProgrammingError" and "thread" in str(exc):
+            exc.add_note(
+                "gearshift: the input was read on a thread of its own; pass pull='caller' to read it "
+                "on the calling thread (needed for objects bound to their thread, e.g. a sqlite3 cursor)"
+            )
+        raise exc
 
     # -- outcomes -------------------------------------------------------------------------
     def complete(self, outcomes: list[Result], now: float) -> None:
@@ -315,47 +553,82 @@ def drive(scheduler: Scheduler, gear: Gear, spec: RunSpec) -> Iterator[list[tupl
     """Run ``scheduler`` on ``gear`` from sync code, yielding lists of ``(index, result)``.
 
     Lists, not pairs: one generator hand-off per batch of results, not per result.
+    The gear is claimed for the run (a second run on it is refused) and released at its end.
     """
-    gear.check(scheduler.fn)
-    gear.open(spec)
+    gear.claim()
     ok = False
     try:
-        with _SigTerm():
-            while True:
-                for batch in scheduler.take_batches(time.monotonic()):
-                    gear.submit(batch)
-                if scheduler.ready:
-                    yield scheduler.take_ready()
-                if scheduler.finished:
-                    break
-                outcomes = gear.collect(scheduler.wait_timeout(time.monotonic()))
-                scheduler.complete(outcomes, time.monotonic())
-        ok = True
+        gear.check(scheduler.fn)
+        gear.open(spec)
+        try:
+            scheduler.start(gear.wake)
+            with _SigTerm():
+                while True:
+                    for batch in scheduler.take_batches(time.monotonic()):
+                        gear.submit(batch)
+                    if scheduler.ready:
+                        yield scheduler.take_ready()
+                    if scheduler.finished:
+                        scheduler.raise_input_error()
+                        break
+                    outcomes = gear.collect(scheduler.wait_timeout(time.monotonic()))
+                    scheduler.complete(outcomes, time.monotonic())
+            ok = True
+        finally:
+            scheduler.stop()
+            try:
+                gear.close(cancel=not ok)
+            finally:
+                scheduler.join()
     finally:
-        gear.close(cancel=not ok)
+        gear.release()
         scheduler.finish()
+
+
+def _threadsafe_wake(gear: Gear, loop: Any) -> Callable[[], None]:
+    """``gear.wake`` run on ``loop``: the input's thread must not touch the loop's objects itself."""
+
+    def wake() -> None:
+        try:
+            loop.call_soon_threadsafe(gear.wake)
+        except RuntimeError:  # the loop closed: nobody is waiting
+            pass
+
+    return wake
 
 
 async def adrive(scheduler: Scheduler, gear: Gear, spec: RunSpec) -> AsyncGenerator[list[tuple[int, Any]], None]:
     """Run ``scheduler`` on ``gear`` from async code; the async gear uses the caller's loop."""
     import asyncio
 
-    gear.check(scheduler.fn)
-    if isinstance(gear, AsyncGear):
-        gear.bind(asyncio.get_running_loop())
-    gear.open(spec)
+    gear.claim()
     ok = False
     try:
-        while True:
-            for batch in scheduler.take_batches(time.monotonic()):
-                gear.submit(batch)
-            if scheduler.ready:
-                yield scheduler.take_ready()
-            if scheduler.finished:
-                break
-            outcomes = await gear.acollect(scheduler.wait_timeout(time.monotonic()))
-            scheduler.complete(outcomes, time.monotonic())
-        ok = True
+        gear.check(scheduler.fn)
+        loop = asyncio.get_running_loop()
+        if isinstance(gear, AsyncGear):
+            gear.bind(loop)
+        gear.open(spec)
+        try:
+            scheduler.start(_threadsafe_wake(gear, loop))
+            while True:
+                for batch in scheduler.take_batches(time.monotonic()):
+                    gear.submit(batch)
+                if scheduler.ready:
+                    yield scheduler.take_ready()
+                if scheduler.finished:
+                    scheduler.raise_input_error()
+                    break
+                outcomes = await gear.acollect(scheduler.wait_timeout(time.monotonic()))
+                scheduler.complete(outcomes, time.monotonic())
+            ok = True
+        finally:
+            scheduler.stop()
+            try:
+                await gear.aclose(cancel=not ok)
+            finally:
+                if scheduler.reads_on_thread:
+                    await asyncio.to_thread(scheduler.join)  # not on the loop: it may wait a grace period
     finally:
-        await gear.aclose(cancel=not ok)
+        gear.release()
         scheduler.finish()

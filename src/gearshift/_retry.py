@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -25,13 +26,15 @@ class Retry:
     jitter: bool = True
 
     def __post_init__(self) -> None:
-        if self.attempts < 1:
-            raise ValueError(f"Retry.attempts must be >= 1, got {self.attempts}")
-        if self.backoff < 0:
-            raise ValueError(f"Retry.backoff must be >= 0, got {self.backoff}")
-        on: object = self.on
-        if isinstance(on, type):  # a single exception class is fine too
-            object.__setattr__(self, "on", (on,))
+        # Checked here, not at the first failure: a bad policy would otherwise surface as an
+        # internal error in the middle of a run (``isinstance(exc, [ValueError])``).
+        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int) or self.attempts < 1:
+            raise ValueError(f"Retry.attempts must be an int >= 1, got {self.attempts!r}")
+        _check_seconds("backoff", self.backoff)
+        _check_seconds("max_backoff", self.max_backoff)
+        if not isinstance(self.jitter, bool):
+            raise TypeError(f"Retry.jitter must be True or False, got {self.jitter!r}")
+        object.__setattr__(self, "on", _exception_types(self.on))
 
     def should_retry(self, exc: BaseException, attempt: int) -> bool:
         """``attempt`` is the number of the attempt that just failed (1 for the first)."""
@@ -40,6 +43,27 @@ class Retry:
     def delay(self, attempt: int) -> float:
         base = min(self.max_backoff, self.backoff * 2.0 ** (attempt - 1))
         return base * random.uniform(0.5, 1.5) if self.jitter else base
+
+
+def _check_seconds(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"Retry.{name} must be a finite number of seconds >= 0, got {value!r}")
+
+
+def _is_exception_type(obj: object) -> bool:
+    return isinstance(obj, type) and issubclass(obj, BaseException)
+
+
+def _exception_types(on: object) -> tuple[type[BaseException], ...]:
+    """``on`` as a tuple of exception classes: one class, or a tuple of them (as ``except`` takes)."""
+    if _is_exception_type(on):
+        return (on,)  # type: ignore[return-value]
+    if isinstance(on, tuple) and on and all(_is_exception_type(t) for t in on):
+        return on
+    raise TypeError(
+        f"Retry.on must be an exception class or a tuple of them (as in an except clause), got {on!r}"
+        + (f"; write on={tuple(on)!r}" if isinstance(on, (list, set, frozenset)) else "")
+    )
 
 
 def as_retry(retries: int | Retry | None) -> Retry | None:

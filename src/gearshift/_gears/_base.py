@@ -10,6 +10,10 @@ chunk sizes, retries, the error policy and progress. A gear only runs batches:
 * ``close(cancel)``  finish (or, with ``cancel``, drop) the work and stop every worker.
 
 A new gear (dask, ray, sub-interpreters) is one new module with one subclass.
+
+A gear object runs one run at a time: the engine claims it for a run (``claim``) and
+releases it at the run's end, so a second run on a gear in use is refused at once
+instead of mixing its batches and outcomes with the first's. Run after run is fine.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from gearshift._task import Batch, Result, RunSpec
 CANCEL_GRACE = 1.5
 
 _Thread = TypeVar("_Thread", bound=threading.Thread)
+_claims = threading.Lock()
 
 
 def join_threads(threads: Iterable[_Thread], grace: Callable[[_Thread], bool], what: str) -> None:
@@ -78,6 +83,8 @@ class Gear(ABC):
     chunk_target: float = 0.0
     #: True when items and the function cross a process boundary (must pickle).
     pickles: ClassVar[bool] = False
+    #: True while a run holds this gear (see ``claim``).
+    in_use: bool = False
 
     def __init__(self, workers: int | None = None) -> None:
         if workers is not None and (not isinstance(workers, int) or workers < 1):
@@ -95,6 +102,21 @@ class Gear(ABC):
     def window(self, chunk: int) -> int:
         """Items the engine may have in this gear at once, given its chunk size."""
         return self.max_inflight() * chunk
+
+    def claim(self) -> None:
+        """Take this gear for one run; refuse at once if another run holds it."""
+        with _claims:
+            if self.in_use:
+                raise RuntimeError(
+                    f"{self!r} is already running another run (gs.map/imap/amap); a gear object runs "
+                    "one run at a time. Give each concurrent run its own gear object, or pass the "
+                    f"gear's name (gear={self.name!r}) to get a fresh one per run."
+                )
+            self.in_use = True
+
+    def release(self) -> None:
+        """End this gear's run: the next run may claim it."""
+        self.in_use = False
 
     def check(self, fn: Callable[..., Any]) -> None:  # noqa: B027 - optional hook
         """Raise before any worker starts if ``fn`` cannot run in this gear."""

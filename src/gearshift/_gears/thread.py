@@ -30,23 +30,31 @@ class _Running:
     timed_out: bool = False
 
 
+class _Run:
+    """One run's queues and bookkeeping. A thread keeps its run's for life, so a thread
+    left stuck in a cancelled or timed-out function can never feed (or starve) a later run."""
+
+    def __init__(self, spec: RunSpec) -> None:
+        self.spec = spec
+        self.work: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
+        self.done: queue.SimpleQueue[list[Result] | None] = queue.SimpleQueue()
+        self.idle = threading.Semaphore(0)
+        self.token = CancelToken()
+        self.running: dict[int, _Running] = {}
+        self.stuck = 0
+        self.init_error: BaseException | None = None
+        self.escaped: BaseException | None = None
+
+
 class ThreadGear(Gear):
     name = "thread"
     chunk_target = 0.002
 
     def __init__(self, workers: int | None = None) -> None:
         super().__init__(workers)
-        self._work: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
-        self._done: queue.SimpleQueue[list[Result] | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
-        self._idle = threading.Semaphore(0)
-        self._running: dict[int, _Running] = {}
-        self._stuck = 0
-        self._spec = RunSpec()
-        self._token = CancelToken()
-        self._init_error: BaseException | None = None
-        self._escaped: BaseException | None = None
+        self._run = _Run(RunSpec())
 
     @classmethod
     def default_workers(cls) -> int:
@@ -54,41 +62,39 @@ class ThreadGear(Gear):
         return min(32, 4 * cpu_count() + 4)
 
     def open(self, spec: RunSpec) -> None:
-        self._spec = spec
-        self._token = CancelToken()
-        self._init_error = None
-        self._escaped = None
+        self._run = _Run(spec)
 
     def submit(self, batch: Batch) -> None:
-        if self._init_error is not None:
-            raise InitializerError(f"a worker thread's initializer raised {self._init_error!r}") from self._init_error
-        self._work.put(batch)
-        if not self._idle.acquire(blocking=False):
+        run = self._run
+        if run.init_error is not None:
+            raise InitializerError(f"a worker thread's initializer raised {run.init_error!r}") from run.init_error
+        run.work.put(batch)
+        if not run.idle.acquire(blocking=False):
             self._spawn()
 
     def _spawn(self) -> None:
         """Start a thread unless ``workers`` threads are already usable (stuck ones don't count)."""
         with self._lock:
-            if len(self._threads) - self._stuck < self.workers:
+            run = self._run
+            if len(self._threads) - run.stuck < self.workers:
                 thread = threading.Thread(
-                    target=self._worker, name=f"gearshift-thread-{len(self._threads)}", daemon=True
+                    target=self._worker, args=(run,), name=f"gearshift-thread-{len(self._threads)}", daemon=True
                 )
                 self._threads.append(thread)
                 thread.start()
 
-    def _worker(self) -> None:
-        spec = self._spec
+    def _worker(self, run: _Run) -> None:
+        spec = run.spec
         if spec.initializer is not None:
             try:
                 spec.initializer(*spec.initargs)
             except BaseException as exc:
-                self._init_error = exc
-                self._done.put(None)
+                run.init_error = exc
+                run.done.put(None)
                 return
         timed = spec.timeout is not None
         ident = threading.get_ident()
-        # This run's queues: after a close, a stranded thread must not feed the next run.
-        work, done, token = self._work, self._done, self._token
+        work, done, token = run.work, run.done, run.token
         try:
             while True:
                 batch = work.get()
@@ -97,57 +103,58 @@ class ThreadGear(Gear):
                 if token.cancelled:
                     continue
                 if timed:
-                    self._run_timed(batch, ident, done)
+                    self._run_timed(run, batch, ident)
                 else:
                     done.put(run_batch(batch, token))
-                self._idle.release()
+                run.idle.release()
                 batch = None  # let the finished batch's items go before waiting for the next
         except BaseException as exc:
             # SystemExit (or KeyboardInterrupt) raised by a task: it means "stop", so it is
             # raised in the caller, as if the task had run there, rather than lost with the thread.
             with self._lock:
-                self._running.pop(ident, None)
-            self._escaped = exc
+                run.running.pop(ident, None)
+            run.escaped = exc
             done.put(None)
         finally:
             close_runner()
 
-    def _run_timed(self, batch: Batch, ident: int, done: queue.SimpleQueue[list[Result] | None]) -> None:
-        assert self._spec.timeout is not None
+    def _run_timed(self, run: _Run, batch: Batch, ident: int) -> None:
+        assert run.spec.timeout is not None
         for pos, task in enumerate(batch.tasks):
-            token = CancelToken(self._token)
-            running = _Running(batch, pos, time.monotonic() + self._spec.timeout, token)
+            token = CancelToken(run.token)
+            running = _Running(batch, pos, time.monotonic() + run.spec.timeout, token)
             with self._lock:
-                self._running[ident] = running
+                run.running[ident] = running
             outcome = run_task(batch.fn, task, token)
             with self._lock:
                 # Not registered any more when close() gave up on this thread.
-                registered = self._running.pop(ident, None) is running
+                registered = run.running.pop(ident, None) is running
                 if running.timed_out:  # already reported; the rest of the batch was re-queued
                     if registered:
-                        self._stuck -= 1
+                        run.stuck -= 1
                     return
-            done.put([outcome])
+            run.done.put([outcome])
 
     def _expire(self) -> tuple[list[Result], float | None]:
         """Report overdue tasks; return outcomes and the time to the next deadline."""
         now = time.monotonic()
+        run = self._run
         outcomes: list[Result] = []
         nearest: float | None = None
         with self._lock:
-            for running in self._running.values():
+            for running in run.running.values():
                 if running.timed_out:
                     continue
                 if running.deadline <= now:
                     running.timed_out = True
                     running.token.cancel()
                     task = running.batch.tasks[running.pos]
-                    limit = self._spec.timeout or 0.0
+                    limit = run.spec.timeout or 0.0
                     outcomes.append(Outcome(task, False, TaskTimeout(limit, task.item, task.index), limit))
-                    self._stuck += 1
+                    run.stuck += 1
                     rest = running.batch.tasks[running.pos + 1 :]
                     if rest:
-                        self._work.put(Batch(running.batch.fn, rest))
+                        run.work.put(Batch(running.batch.fn, rest))
                 else:
                     left = running.deadline - now
                     nearest = left if nearest is None else min(nearest, left)
@@ -156,55 +163,57 @@ class ThreadGear(Gear):
         return outcomes, nearest
 
     def collect(self, timeout: float | None) -> list[Result]:
+        run = self._run
         outcomes: list[Result] = []
-        if self._spec.timeout is not None:
+        if run.spec.timeout is not None:
             expired, nearest = self._expire()
             outcomes.extend(expired)
             if nearest is not None:
                 timeout = nearest if timeout is None else min(timeout, nearest)
         if not outcomes:
             try:
-                first = self._done.get(timeout=timeout)
+                first = run.done.get(timeout=timeout)
             except queue.Empty:
                 return outcomes
-            self._take(first, outcomes)
+            self._take(run, first, outcomes)
         while True:
             try:
-                self._take(self._done.get_nowait(), outcomes)
+                self._take(run, run.done.get_nowait(), outcomes)
             except queue.Empty:
                 return outcomes
 
-    def _take(self, got: list[Result] | None, into: list[Result]) -> None:
+    def _take(self, run: _Run, got: list[Result] | None, into: list[Result]) -> None:
         if got is None:
-            if self._escaped is not None:
-                escaped, self._escaped = self._escaped, None
+            if run.escaped is not None:
+                escaped, run.escaped = run.escaped, None
                 raise escaped
-            if self._init_error is not None:
+            if run.init_error is not None:
                 raise InitializerError(
-                    f"initializer {self._spec.initializer!r} raised {self._init_error!r}"
-                ) from self._init_error
+                    f"initializer {run.spec.initializer!r} raised {run.init_error!r}"
+                ) from run.init_error
             return
         into.extend(got)
 
     def wake(self) -> None:
-        self._done.put(None)
+        self._run.done.put(None)
 
     def close(self, cancel: bool = False) -> None:
+        run = self._run
         if cancel:
-            self._token.cancel()
+            run.token.cancel()
             while True:  # drop what no thread has started
                 try:
-                    self._work.get_nowait()
+                    run.work.get_nowait()
                 except queue.Empty:
                     break
         with self._lock:
             threads, self._threads = self._threads, []
-            abandoned = {ident for ident, running in self._running.items() if running.timed_out}
+            abandoned = {ident for ident, running in run.running.items() if running.timed_out}
         for _ in threads:
-            self._work.put(None)
+            run.work.put(None)
         join_threads(threads, lambda thread: cancel or thread.ident in abandoned, "thread(s)")
-        self._running.clear()
-        self._stuck = 0
-        self._idle = threading.Semaphore(0)
-        self._work = queue.SimpleQueue()
-        self._done = queue.SimpleQueue()
+        with self._lock:
+            run.running.clear()
+            run.stuck = 0
+        # A fresh run state: threads left behind keep the old one.
+        self._run = _Run(RunSpec())
