@@ -1,6 +1,7 @@
 """The loop a worker process runs (kept small: it is what a forkserver preloads).
 
-Protocol over the worker's own pipe, each message pickled:
+Protocol over the worker's own pipe, each message pickled by ``_wire`` (big buffers
+travel through shared memory beside the pipe):
   parent -> worker  (batch_id, fn_key, fn_bytes | None, items)   or None to stop
   worker -> parent  ("ready",)                 started (initializer done)
                     ("done", batch_id, values, {pos: traceback} | None, seconds)
@@ -15,7 +16,6 @@ overdue worker was running without a message per item.
 from __future__ import annotations
 
 import os
-import pickle
 import signal
 import sys
 import threading
@@ -25,19 +25,9 @@ from collections.abc import Callable
 from types import CoroutineType
 from typing import Any
 
-import cloudpickle
+from gearshift._gears import _wire
 
 POS_BITS = 20
-loads = pickle.loads
-
-
-def dumps(obj: Any) -> bytes:
-    """Plain pickle first (fast); cloudpickle for lambdas, closures and ``__main__`` objects."""
-    try:
-        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception:
-        data: bytes = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        return data
 
 
 def _watch_parent(parent: int) -> None:
@@ -49,6 +39,7 @@ def _watch_parent(parent: int) -> None:
     while True:
         time.sleep(0.5)
         if os.getppid() != ppid or not _alive(parent):
+            _wire.sweep(parent)  # what the dead parent sent or would have read
             os._exit(1)
 
 
@@ -68,21 +59,42 @@ def _alive(pid: int) -> bool:
     return state not in (b"Z", b"X")
 
 
-def _pack_results(bid: int, values: list[Any], failures: dict[int, str] | None, elapsed: float) -> bytes:
+def _pack_results(
+    bid: int, values: list[Any], failures: dict[int, str] | None, elapsed: float, owner: int
+) -> bytes:
     """The batch's reply; a value that cannot be pickled back fails its own item, named."""
+    msg = ("done", bid, values, failures, elapsed)
     try:
-        return dumps(("done", bid, values, failures, elapsed))
+        return _wire.dumps(msg, owner, values)[0]
     except Exception:
         pass
     failures = dict(failures or {})
     for pos, value in enumerate(values):
         try:
-            dumps(value)
+            _wire.unlink(_wire.dumps(value, owner)[1])
         except Exception as exc:
             what = "exception" if pos in failures else "result"
             values[pos] = TypeError(f"the {what} {type(value).__name__} could not be pickled back: {exc}")
             failures[pos] = ""
-    return dumps(("done", bid, values, failures, elapsed))
+    return _wire.dumps(("done", bid, values, failures, elapsed), owner, values)[0]
+
+
+def _limit_blas(threads: int | None) -> None:
+    """Cap BLAS/OpenMP threads, so N workers running NumPy do not oversubscribe the cores.
+
+    Environment variables cover libraries loaded later (spawn, forkserver: NumPy is
+    imported when the function is unpickled); threadpoolctl covers those already loaded
+    (fork). ``None``: leave them alone.
+    """
+    if threads is None:
+        return
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
+                "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    if any(name in sys.modules for name in ("numpy", "scipy", "sklearn", "torch")):
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(threads)
 
 
 def main(
@@ -94,6 +106,7 @@ def main(
     init: bytes | None,
     max_tasks: int | None,
     timed: bool = False,
+    blas_threads: int | None = None,
 ) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     # SIGTERM is how the parent stops us: a handler inherited through fork (the engine's, which
@@ -102,14 +115,15 @@ def main(
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="gearshift-watch").start()
     from gearshift._task import run_coroutine  # after fork, so a forkserver preload stays light
 
+    _limit_blas(blas_threads)
     if init is not None:
-        initializer, initargs = pickle.loads(init)
+        initializer, initargs = _wire.loads(init)
         try:
             initializer(*initargs)
         except BaseException as exc:
-            conn.send_bytes(_pack_init_error(exc))
+            conn.send_bytes(_pack_init_error(exc, parent))
             return
-    conn.send_bytes(dumps(("ready",)))
+    conn.send_bytes(_wire.dumps(("ready",), parent)[0])
     fns: dict[int, Callable[[Any], Any]] = {}
     done = 0
     perf = time.perf_counter
@@ -119,12 +133,14 @@ def main(
             data = conn.recv_bytes()
         except (EOFError, OSError):
             return
-        msg = pickle.loads(data)
+        msg = _wire.loads(data)
+        del data
         if msg is None:
             return
         bid, key, fn_bytes, items = msg
+        msg = None
         if fn_bytes is not None:
-            fns[key] = pickle.loads(fn_bytes)
+            fns[key] = _wire.loads(fn_bytes)
         fn = fns[key]
         values: list[Any] = []
         append = values.append
@@ -145,19 +161,22 @@ def main(
                 failures[pos] = "".join(traceback.format_exception(exc))
                 append(exc)
         tags[wid] = -1
-        conn.send_bytes(_pack_results(bid, values, failures, perf() - start))
-        done += len(items)
+        n = len(items)
+        items = None  # let the inputs go before the results are packed
+        conn.send_bytes(_pack_results(bid, values, failures, perf() - start, parent))
+        values = []
+        done += n
         if max_tasks is not None and done >= max_tasks:
-            conn.send_bytes(dumps(("bye", done)))
+            conn.send_bytes(_wire.dumps(("bye", done), parent)[0])
             return
 
 
-def _pack_init_error(exc: BaseException) -> bytes:
+def _pack_init_error(exc: BaseException, owner: int) -> bytes:
     tb = "".join(traceback.format_exception(exc))
     try:
-        return dumps(("init_error", exc, tb))
+        return _wire.dumps(("init_error", exc, tb), owner)[0]
     except Exception:
-        return dumps(("init_error", RuntimeError(repr(exc)), tb))
+        return _wire.dumps(("init_error", RuntimeError(repr(exc)), tb), owner)[0]
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,11 +6,18 @@ task cannot be stopped. Here every worker has its own pipe and two shared slots
 overdue worker held: that item fails (``WorkerCrashed`` / ``TaskTimeout``), the rest
 of its batch is re-run, the worker is replaced and the run goes on.
 
-The function is pickled once per worker with cloudpickle (lambdas, closures and
-``__main__`` functions work under fork, spawn and forkserver); items and results use
-plain pickle, falling back to cloudpickle. The parent never runs a thread of its
-own: ``collect`` waits on the pipes and process sentinels from the caller's thread,
-which keeps receiving signals.
+The function is sent once per worker: by reference when the worker can import it,
+by value with cloudpickle otherwise (lambdas, closures, an interactive ``__main__``).
+Items and results use pickle protocol 5; big buffers travel through shared memory
+(``_wire``). ``collect`` waits on the pipes and process sentinels from the caller's
+thread, which keeps receiving signals; each worker has a sender thread that writes its
+batches, so the parent can always read results while a big batch goes out (a blocking
+write from the caller would deadlock against a worker blocked writing its results).
+
+Fork safety: with the fork start method, the first workers are forked in ``open``,
+before any thread of gearshift's runs user code; every later worker (a replacement
+after a crash, a timeout or ``max_tasks_per_worker``) comes from a fork server, never
+from forking the busy parent, whose threads may hold locks the child would inherit taken.
 """
 
 from __future__ import annotations
@@ -18,7 +25,10 @@ from __future__ import annotations
 import atexit
 import multiprocessing as mp
 import os
+import pickle
+import queue
 import sys
+import threading
 import time
 import weakref
 from collections import deque
@@ -31,7 +41,7 @@ from typing import Any
 
 import cloudpickle
 
-from gearshift._gears import _worker
+from gearshift._gears import _wire, _worker
 from gearshift._gears._base import Gear, cpu_count
 from gearshift._task import Batch, Done, Outcome, Result, RunSpec, Task
 from gearshift.errors import (
@@ -63,6 +73,42 @@ def _kill_leftovers() -> None:
     """A gear nobody closed (an abandoned generator) must not keep workers past exit."""
     for gear in list(_open_gears):
         gear.close(cancel=True)
+    _wire.sweep(os.getpid())
+
+
+class _Sender:
+    """A thread that writes one worker's batches to its pipe, so the caller never blocks writing.
+
+    Payloads are pickled by the caller; the thread only moves bytes (it runs no user code).
+    """
+
+    def __init__(self, conn: Connection, name: str) -> None:
+        self.conn = conn
+        self.queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        broken = False
+        while (payload := self.queue.get()) is not None:
+            if broken:
+                continue
+            try:
+                self.conn.send_bytes(payload)
+            except (OSError, ValueError):
+                broken = True  # the worker is gone: its sentinel fires and its batches are re-run
+            payload = None
+
+    def send(self, payload: bytes) -> None:
+        self.queue.put(payload)
+
+    def stop(self) -> None:
+        """Finish what is queued, then end (the worker's pipe stays open: the caller closes it)."""
+        self.queue.put(None)
+
+    def join(self) -> None:
+        while self.thread.is_alive():
+            self.thread.join(0.05)  # in slices: the main thread keeps receiving signals
 
 
 def default_start_method() -> str:
@@ -79,12 +125,18 @@ def default_start_method() -> str:
     return mp.get_context().get_start_method()
 
 
+def _blas_threads(workers: int) -> int:
+    """BLAS/OpenMP threads per worker: the cores shared out (as loky does), at least one."""
+    return max(1, cpu_count() // workers)
+
+
 @dataclass(eq=False)
 class _Proc:
     wid: int
     process: BaseProcess
     conn: Connection
-    outstanding: deque[tuple[int, Batch]] = field(default_factory=deque)
+    sender: _Sender
+    outstanding: deque[tuple[int, Batch, str | None]] = field(default_factory=deque)
     fn_keys: set[int] = field(default_factory=set)
     killed_for: tuple[int, int] | None = None  # (batch id, pos) of the item that timed out
     leaving: bool = False
@@ -96,14 +148,25 @@ class ProcessGear(Gear):
     chunk_target = 0.02
     pickles = True
 
-    def __init__(self, workers: int | None = None, *, start_method: str | None = None) -> None:
+    def __init__(
+        self, workers: int | None = None, *, start_method: str | None = None, blas_threads: int | str | None = "auto"
+    ) -> None:
+        """``blas_threads``: BLAS/OpenMP threads each worker may use ("auto": cores / workers;
+        None: leave the libraries' own defaults)."""
         super().__init__(workers)
+        if blas_threads != "auto" and blas_threads is not None and (
+            not isinstance(blas_threads, int) or isinstance(blas_threads, bool) or blas_threads < 1
+        ):
+            raise ValueError(f"blas_threads must be 'auto', None or a positive int, got {blas_threads!r}")
         self.start_method = start_method
+        self.blas_threads = blas_threads
         self._ctx: BaseContext | None = None
+        self._respawn_ctx: BaseContext | None = None
         self._procs: dict[int, _Proc] = {}
         self._pending: deque[tuple[int, Batch]] = deque()
         self._ready: list[Result] = []
         self._fns: dict[int, tuple[int, Callable[..., Any], bytes]] = {}
+        self._owner = os.getpid()
         self._next_bid = 0
         self._spec = RunSpec()
         self._init_bytes: bytes | None = None
@@ -129,7 +192,7 @@ class ProcessGear(Gear):
         entry = self._fns.get(id(fn))
         if entry is None or entry[1] is not fn:
             try:
-                payload = cloudpickle.dumps(fn)
+                payload = _fn_bytes(fn)
             except Exception as exc:
                 raise UnpicklableError(
                     f"cannot send function {short_repr(fn)} to worker processes: {exc}. "
@@ -144,10 +207,14 @@ class ProcessGear(Gear):
     def open(self, spec: RunSpec) -> None:
         self._spec = spec
         self._init_error = None
+        self._fns = {}  # nothing stale from an earlier run: functions are pickled afresh
+        self._owner = os.getpid()
         method = self.start_method or default_start_method()
         self._ctx = mp.get_context(method)
-        if method == "forkserver":
-            self._ctx.set_forkserver_preload(["gearshift._gears._worker"])
+        # Replacements never fork the parent, which may be running user code in threads by then.
+        self._respawn_ctx = mp.get_context("forkserver") if method == "fork" else self._ctx
+        if self._respawn_ctx.get_start_method() == "forkserver":
+            self._respawn_ctx.set_forkserver_preload(["gearshift._gears._worker"])
         self._init_bytes = None
         if spec.initializer is not None:
             try:
@@ -164,17 +231,19 @@ class ProcessGear(Gear):
         self._deaths_in_row = 0
         self._batch_time = 0.0
         _open_gears.add(self)
+        self._start_all()
 
     def _start_all(self) -> None:
-        """Start every worker at once, on the first submit: forks are cheap, waiting is not."""
+        """Start every worker at once, in ``open``: before any thread of ours runs user code."""
         self._started = True
         for wid in range(self.workers):
-            self._start(wid)
+            self._start(wid, self._ctx)
 
-    def _start(self, wid: int) -> None:
-        assert self._ctx is not None
-        parent_end, child_end = self._ctx.Pipe(duplex=True)
-        process = self._ctx.Process(  # type: ignore[attr-defined]
+    def _start(self, wid: int, ctx: BaseContext | None) -> None:
+        assert ctx is not None
+        blas = _blas_threads(self.workers) if self.blas_threads == "auto" else self.blas_threads
+        parent_end, child_end = ctx.Pipe(duplex=True)
+        process = ctx.Process(  # type: ignore[attr-defined]
             target=_worker.main,
             args=(
                 child_end,
@@ -185,21 +254,20 @@ class ProcessGear(Gear):
                 self._init_bytes,
                 self._spec.max_tasks_per_worker,
                 self._spec.timeout is not None,
+                blas,
             ),
             name=f"gearshift-process-{wid}",
         )
         self._tags[wid] = -1
         process.start()
         child_end.close()
-        self._procs[wid] = _Proc(wid, process, parent_end)
+        self._procs[wid] = _Proc(wid, process, parent_end, _Sender(parent_end, f"gearshift-sender-{wid}"))
 
     def submit(self, batch: Batch) -> None:
         if self._init_error is not None:
             raise self._init_error
         self._pending.append((self._next_bid, batch))
         self._next_bid += 1
-        if not self._started:
-            self._start_all()
         self._dispatch()
 
     def _dispatch(self) -> None:
@@ -219,27 +287,25 @@ class ProcessGear(Gear):
 
     def _send(self, proc: _Proc, bid: int, batch: Batch) -> None:
         key, _, fn_bytes = self._fn_entry(batch.fn)
+        msg = (bid, key, None if key in proc.fn_keys else fn_bytes, batch.items)
         try:
-            payload = _worker.dumps((bid, key, None if key in proc.fn_keys else fn_bytes, batch.items))
+            payload, path = _wire.dumps(msg, self._owner, batch.items)
         except Exception:
             batch = self._drop_unpicklable(batch)
             if not batch.items:
                 return
-            payload = _worker.dumps((bid, key, None if key in proc.fn_keys else fn_bytes, batch.items))
-        try:
-            proc.conn.send_bytes(payload)
-        except OSError:
-            # The worker is dead or dying; its sentinel will fire and this batch is re-run.
-            pass
+            msg = (bid, key, None if key in proc.fn_keys else fn_bytes, batch.items)
+            payload, path = _wire.dumps(msg, self._owner, batch.items)
+        proc.sender.send(payload)
         proc.fn_keys.add(key)
-        proc.outstanding.append((bid, batch))
+        proc.outstanding.append((bid, batch, path))
 
     def _drop_unpicklable(self, batch: Batch) -> Batch:
         """Fail the items that cannot be pickled, each named; keep the others."""
         keep: list[Task] = []
         for task in batch.tasks:
             try:
-                _worker.dumps(task.item)
+                _wire.unlink(_wire.dumps(task.item, self._owner)[1])
             except Exception as exc:
                 error = UnpicklableError(
                     f"cannot send item #{task.index} {short_repr(task.item)} to a worker process: {exc}; "
@@ -283,7 +349,7 @@ class ProcessGear(Gear):
     def _drain(self, proc: _Proc) -> None:
         try:
             while proc.conn.poll():
-                self._handle(proc, _worker.loads(proc.conn.recv_bytes()))
+                self._handle(proc, _wire.loads(proc.conn.recv_bytes()))
         except (EOFError, OSError):
             pass
 
@@ -295,8 +361,9 @@ class ProcessGear(Gear):
         elif kind == "done":
             _, bid, values, failures, elapsed = msg
             self._batch_time = elapsed if not self._batch_time else 0.7 * self._batch_time + 0.3 * elapsed
-            head_bid, batch = proc.outstanding.popleft()
+            head_bid, batch, path = proc.outstanding.popleft()
             assert head_bid == bid, (head_bid, bid)
+            _wire.unlink(path)  # read by the worker already, unless it died first
             if not failures:
                 self._ready.append(Done(batch, 0, values, elapsed))
                 return
@@ -323,8 +390,14 @@ class ProcessGear(Gear):
         self._drain(proc)
         proc.process.join(0.5)
         exitcode = proc.process.exitcode
+        proc.sender.stop()
+        proc.sender.join()  # before the pipe closes: its fd number must not be reused under the sender
         proc.conn.close()
         del self._procs[proc.wid]
+        for _, _, path in proc.outstanding:
+            _wire.unlink(path)
+        if proc.process.pid is not None:
+            _wire.sweep(self._owner, proc.process.pid)  # results it wrote but never sent
         requeue: list[tuple[int, Batch]] = []
         if not proc.ready:
             # It died starting up (in the initializer, say): no item is to blame.
@@ -334,8 +407,9 @@ class ProcessGear(Gear):
                 self._init_error = InitializerError(
                     f"worker processes keep dying in {what} ({describe_exit(exitcode)}), before running any item"
                 )
-        if proc.outstanding and proc.ready:
-            bid, batch = proc.outstanding.popleft()
+        outstanding = deque((bid, batch) for bid, batch, _ in proc.outstanding)
+        if outstanding and proc.ready:
+            bid, batch = outstanding.popleft()
             pos: int | None = None
             if proc.killed_for is not None and proc.killed_for[0] == bid:
                 pos = proc.killed_for[1]
@@ -365,10 +439,10 @@ class ProcessGear(Gear):
                 rest = batch.tasks
             if rest:
                 requeue.append((bid, Batch(batch.fn, rest)))
-        requeue.extend(proc.outstanding)
+        requeue.extend(outstanding)
         self._pending.extendleft(reversed(requeue))
         if self._init_error is None and self._ctx is not None:
-            self._start(proc.wid)
+            self._start(proc.wid, self._respawn_ctx)
 
     def _check_deadlines(self) -> float | None:
         """Kill workers whose current item is overdue; return seconds to the next deadline."""
@@ -405,10 +479,8 @@ class ProcessGear(Gear):
             if cancel:
                 proc.process.terminate()
             else:
-                try:
-                    proc.conn.send_bytes(_worker.dumps(None))
-                except OSError:
-                    pass
+                proc.sender.send(_wire.dumps(None, self._owner)[0])
+            proc.sender.stop()
         deadline = time.monotonic() + (TERMINATE_GRACE if cancel else 5.0)
         for proc in procs:
             # Join in slices so the main thread keeps receiving signals.
@@ -417,7 +489,12 @@ class ProcessGear(Gear):
             if proc.process.is_alive():
                 proc.process.kill()
                 proc.process.join()
+            proc.sender.join()  # the worker is gone: a blocked write has failed by now
             proc.conn.close()
+            for _, _, path in proc.outstanding:
+                _wire.unlink(path)
+            if proc.process.pid is not None:
+                _wire.sweep(self._owner, proc.process.pid)
             proc.process.close()
         for end in (self._wake_r, self._wake_w):
             if end is not None:
@@ -427,7 +504,22 @@ class ProcessGear(Gear):
         self._ready = []
         self._started = False
         self._ctx = None
+        self._respawn_ctx = None
 
     def describe(self) -> str:
         method = self.start_method or default_start_method()
         return f"{super().describe()} ({method})"
+
+
+def _fn_bytes(fn: Callable[..., Any]) -> bytes:
+    """By reference when a worker can import it (a module, or ``__main__`` run from a file,
+    which spawn and forkserver re-import); by value with cloudpickle otherwise."""
+    main = sys.modules.get("__main__")
+    if getattr(fn, "__module__", None) != "__main__" or getattr(main, "__file__", None):
+        try:
+            return pickle.dumps(fn, protocol=5)  # lambdas and closures fail here
+        except Exception:
+            pass
+    payload: bytes = cloudpickle.dumps(fn, protocol=5)
+    return payload
+
