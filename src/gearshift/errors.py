@@ -14,6 +14,7 @@ __all__ = [
     "Failure",
     "GearshiftError",
     "InitializerError",
+    "RemoteError",
     "RemoteTraceback",
     "TaskCancelled",
     "TaskTimeout",
@@ -32,8 +33,43 @@ def short_repr(obj: object, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def qualified_name(cls: type) -> str:
+    """``module.QualName`` of a class; builtins by their bare name (``ValueError``)."""
+    module = getattr(cls, "__module__", None)
+    name = str(getattr(cls, "__qualname__", None) or getattr(cls, "__name__", None) or repr(cls))
+    return name if module in (None, "builtins") else f"{module}.{name}"
+
+
+def rebuild_exception(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any] | None) -> Any:
+    """Unpickle an exception without calling its ``__init__``, whose signature need not match ``args``.
+
+    ``state`` is its ``__dict__``: its attributes and its PEP 678 ``__notes__``. The nearest
+    builtin base's ``__init__`` runs with ``args``: it sets the fields pickle does not see
+    (``SystemExit.code``, ``StopIteration.value``, ``OSError.errno``...).
+    """
+    exc = cls.__new__(cls, *args)
+    base = next(c for c in cls.__mro__ if c.__module__ == "builtins")
+    try:
+        base.__init__(exc, *args)  # type: ignore[misc]  # the base's own, on purpose
+    except Exception:  # a builtin base that wants other arguments: args alone, then
+        pass
+    exc.args = args
+    if state:
+        exc.__dict__.update(state)
+    return exc
+
+
 class GearshiftError(Exception):
-    """Base class of the errors gearshift itself raises."""
+    """Base class of the errors gearshift itself raises.
+
+    Every one crosses a process boundary intact, attributes and notes included: pickling
+    rebuilds it from its ``args`` and ``__dict__`` rather than calling ``__init__`` again
+    (``Exception``'s own ``__reduce__`` would call it with ``args``, which fails as soon as a
+    subclass's ``__init__`` takes other arguments).
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (rebuild_exception, (type(self), self.args, self.__dict__ or None))
 
 
 class TaskTimeout(GearshiftError, TimeoutError):
@@ -73,16 +109,40 @@ class TaskCancelled(GearshiftError):
         where = "" if index is None else f" #{index}"
         super().__init__(f"item{where} {short_repr(item)} ended in asyncio.CancelledError")
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.item, self.index))
-
 
 class InitializerError(GearshiftError):
     """A worker's ``initializer`` raised: no worker could be made ready, so the run stops."""
 
 
 class UnpicklableError(GearshiftError, TypeError):
-    """A function, item or result could not be sent to or from a worker process."""
+    """The function or the initializer could not be sent to worker processes.
+
+    Raised at the call, before any item runs; the pickling error is its ``__cause__``.
+    An *item* or a *result* that cannot be pickled fails with the pickling error itself
+    (its own type and message), with notes (PEP 678) naming the item and the remedy.
+    """
+
+
+class RemoteError(GearshiftError):
+    """Stands in for an exception raised in a worker process that could not come back intact.
+
+    Its class could not be pickled or rebuilt in the caller (defined where the caller cannot
+    import it, or holding an attribute that cannot be pickled, such as a lock). It keeps what
+    can travel: ``type_name`` (``module.QualName`` of the original class), ``message``
+    (``str()`` of the original), ``traceback`` (formatted in the worker), ``reason`` (why it
+    could not be sent) and the original's notes.
+    """
+
+    def __init__(self, type_name: str, message: str, traceback: str = "", reason: str = "") -> None:
+        super().__init__(type_name, message)
+        self.type_name = type_name
+        self.message = message
+        self.traceback = traceback
+        self.reason = reason
+
+    def __str__(self) -> str:
+        text = f"{self.type_name}: {self.message}" if self.message else self.type_name
+        return f"{text} (could not be sent back intact: {self.reason})" if self.reason else text
 
 
 class RemoteTraceback(Exception):
@@ -93,10 +153,14 @@ class RemoteTraceback(Exception):
     """
 
     def __init__(self, tb: str) -> None:
+        super().__init__(tb)
         self.tb = tb
 
     def __str__(self) -> str:
         return f'\n"""\n{self.tb}"""'
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (rebuild_exception, (type(self), self.args, self.__dict__ or None))
 
 
 def describe_exit(exitcode: int | None) -> str:
