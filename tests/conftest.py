@@ -51,6 +51,10 @@ def no_orphans(request: pytest.FixtureRequest) -> Iterator[None]:
     assert not kids, f"orphan processes left: {[(p.pid, p.name()) for p in kids]}"
     threads = leftover_threads()
     assert not threads, f"gearshift threads left running: {threads}"
+    shm = [name for name in os.listdir("/dev/shm") if name.startswith(f"gearshift-{os.getpid()}-")] if os.path.isdir(
+        "/dev/shm"
+    ) else []
+    assert not shm, f"shared-memory files left in /dev/shm: {shm}"
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -18,7 +18,13 @@ Phases, each a way of running the items the engine hands over:
   threads finish there and their results are merged in.
 
 Coroutine functions go straight to the async gear. A function that cannot be pickled
-never goes to processes, and the reasons say so. The choice and its reasons go to the
+never goes to processes, and the reasons say so.
+
+Fork safety: a probe thread runs the user's function, which may hold a lock (a module's
+``threading.Lock``) at any moment; a worker forked then would inherit it taken, forever.
+So where processes start by fork and are a candidate at all, their workers are forked in
+``open``, before any probe runs, and wait; a shift to processes uses them (the gear's own
+replacements come from a fork server). A run that never shifts to processes stops them. The choice and its reasons go to the
 run's ``Report`` (passed in ``RunSpec.extra["report"]``) and to the ``gearshift`` logger.
 """
 
@@ -97,6 +103,7 @@ class AutoGear(Gear):
         self._spec = RunSpec()
         self._report: Any = None
         self._total: int | None = None
+        self._prestarted: ProcessGear | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -154,6 +161,12 @@ class AutoGear(Gear):
             n = self._user_workers or AsyncGear.default_workers()
             reasons = ["a coroutine function: async when you can", f"the async gear, {n} tasks at once"]
             self._shift(Decision("async", n, 1, 0.0, 0.0, {}, reasons))
+        elif self.machine.gil_enabled and not self._pickle_error and self.machine.start_method == "fork":
+            # Fork now, before a probe thread runs the function (see the module docstring).
+            gear = ProcessGear(self._user_workers or self.machine.cores)
+            gear.check(self._fn_or_fail())
+            gear.open(self._spec)
+            self._prestarted = gear
 
     def submit(self, batch: Batch) -> None:
         if self.phase == "shifted":
@@ -434,9 +447,12 @@ class AutoGear(Gear):
     def _shift_now(self, decision: Decision) -> None:
         fn = self._fn_or_fail()
         old = self._delegate
-        gear = _GEARS[decision.gear](decision.workers)
-        gear.check(fn)
-        gear.open(self._spec)
+        if decision.gear == "process" and self._prestarted is not None:
+            gear, self._prestarted = self._prestarted, None  # forked before the probe: use them
+        else:
+            gear = _GEARS[decision.gear](decision.workers)
+            gear.check(fn)
+            gear.open(self._spec)
         tasks = [t for b in self._pending for t in b.tasks] + self._feed.stop()
         self._pending.clear()
         if old is not None:
@@ -495,7 +511,12 @@ class AutoGear(Gear):
             if self._delegate is not None:
                 self._delegate.close(cancel)
         finally:
-            self._join_probes(cancel)
+            try:
+                self._join_probes(cancel)
+            finally:
+                if self._prestarted is not None:
+                    self._prestarted.close(cancel=True)
+                    self._prestarted = None
 
     def _join_probes(self, cancel: bool) -> None:
         probes, self._probes = self._probes, []
