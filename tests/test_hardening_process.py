@@ -153,7 +153,8 @@ def slow_big(b):
 def announce():
     import psutil, time
     me = psutil.Process()
-    while len(me.children()) < 2 or not [n for n in os.listdir("/dev/shm") if n.startswith(f"gearshift-{os.getpid()}-")]:
+    mine = f"gearshift-{os.getpid()}-"
+    while len(me.children()) < 2 or not [n for n in os.listdir("/dev/shm") if n.startswith(mine)]:
         time.sleep(0.01)
     print("ready", flush=True)
 
@@ -172,7 +173,7 @@ def test_shared_memory_cleaned_after_ctrl_c() -> None:
         child.expect("ready")
         kids = psutil.Process(child.pid).children(recursive=True)
         os.kill(child.pid, signal.SIGINT)
-        code, out, err = child.finish()
+        _, out, err = child.finish()
         assert "interrupted" in out, err
         psutil.wait_procs(kids, timeout=5)
         assert not [k for k in kids if k.is_running() and k.status() != psutil.STATUS_ZOMBIE]
