@@ -387,3 +387,36 @@ def _fail_on_3(x: int) -> int:
         raise KeyError(x)
     time.sleep(0.01)
     return x
+
+
+# -- async iterables in amap --------------------------------------------------------------------------
+async def _aitems(n: int, fail: bool = False) -> Any:
+    import asyncio
+
+    for i in range(n):
+        await asyncio.sleep(0)
+        yield i
+    if fail:
+        raise LookupError(f"source broke after {n}")
+
+
+@pytest.mark.parametrize("gear", ["async", "thread"])
+def test_amap_reads_an_async_iterable(gear: str) -> None:
+    import asyncio
+
+    async def main() -> tuple[list[int], list[int]]:
+        whole = [r async for r in gs.amap(square, _aitems(500), gear=gear, workers=4)]
+        got = []
+        with pytest.raises(LookupError):
+            async for value in gs.amap(square, _aitems(50, fail=True), gear=gear, workers=4):
+                got.append(value)
+        return whole, got
+
+    whole, got = asyncio.run(main())
+    assert whole == [x * x for x in range(500)]
+    assert got == [x * x for x in range(50)]
+
+
+def test_an_async_iterable_outside_amap_is_refused() -> None:
+    with pytest.raises(TypeError, match="amap"):
+        gs.imap(square, _aitems(3))

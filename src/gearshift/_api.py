@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from typing import Any, Literal
 
 from gearshift._engine import ErrorPolicy, PullArg, Report, Scheduler, adrive, drive
@@ -76,7 +76,7 @@ def _workers(workers: int | None, concurrency: int | None) -> int | None:
 
 def _prepare(
     fn: Callable[[Any], Any],
-    items: Iterable[Any],
+    items: Iterable[Any] | AsyncIterable[Any],
     gear: GearArg,
     workers: int | None,
     concurrency: int | None,
@@ -159,6 +159,8 @@ def imap(
         fn, items, gear, workers, concurrency, ordered, chunksize, errors, progress, timeout, retries, rate,
         initializer, initargs, max_tasks_per_worker, pull,
     )
+    if scheduler.reads_async:
+        raise TypeError("the input is an async iterable: read it with `async for r in gs.amap(...)`")
     return ResultIterator(drive(scheduler, the_gear, spec), scheduler)
 
 
@@ -242,7 +244,7 @@ def map(  # noqa: A001 - the name is the point
 
 async def amap(
     fn: Callable[[Any], Any],
-    items: Iterable[Any],
+    items: Iterable[Any] | AsyncIterable[Any],
     *,
     gear: GearArg = "async",
     workers: int | None = None,
@@ -260,6 +262,9 @@ async def amap(
     pull: PullArg = "auto",
 ) -> AsyncIterator[Any]:
     """``gs.imap`` for async code: ``async for result in gs.amap(fetch, urls, concurrency=100)``.
+
+    ``items`` may also be an async iterable (an async generator, a stream reader): it is
+    read by a task on the caller's loop, into the same bounded buffer.
 
     In the async gear the tasks run on the caller's own event loop. Use
     ``contextlib.aclosing(gs.amap(...))`` when you may break out of the loop early, so

@@ -23,7 +23,7 @@ import threading
 import time
 import warnings
 from collections import Counter, deque
-from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Literal
@@ -253,13 +253,75 @@ class _Puller:
             )
 
 
+class _AsyncPuller(_Puller):
+    """An async iterable read by a task on the caller's loop (``gs.amap``), into the same bounded buffer."""
+
+    threaded = False
+
+    def __init__(self, items: Any, capacity: int) -> None:
+        super().__init__((), capacity)
+        self._ait = items
+        self._task: Any = None
+        self._aroom: Any = None
+
+    def start(self, wake: Callable[[], None]) -> None:
+        import asyncio
+
+        self._wake = wake
+        self._aroom = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._apull())
+
+    async def _apull(self) -> None:
+        buf = self._buf
+        try:
+            async for item in self._ait:
+                buf.append(item)
+                want = self._want
+                if want and len(buf) >= want:
+                    self._want = 0
+                    self._call_wake()
+                while len(buf) >= self.capacity and not self._stopping:
+                    self._aroom.clear()
+                    await self._aroom.wait()
+                if self._stopping:
+                    return
+        except Exception as exc:  # the input's own error: raised after its items are delivered
+            self.error = exc
+        finally:
+            self.done = True
+            self._call_wake()
+
+    def take(self, n: int, partial_ok: bool) -> list[Any]:
+        items = super().take(n, partial_ok)
+        if items and self._aroom is not None:
+            self._aroom.set()
+        return items
+
+    def stop(self) -> None:
+        super().stop()
+        if self._task is not None:
+            self._task.cancel()
+
+    def join(self) -> None:
+        self.stop()
+
+    async def ajoin(self) -> None:
+        """Wait for the cancelled pulling task (it stops at its next ``await``)."""
+        import asyncio
+
+        self.stop()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._buf.clear()
+
+
 class Scheduler:
     """Admission, chunking, retries, error policy and ordering for one run (no I/O)."""
 
     def __init__(
         self,
         fn: Callable[[Any], Any],
-        items: Iterable[Any],
+        items: Iterable[Any] | AsyncIterable[Any],
         gear: Gear,
         *,
         ordered: bool = True,
@@ -284,8 +346,13 @@ class Scheduler:
         self._fixed_chunk = None if chunksize == "auto" else chunksize
         self._limiter = None if rate is None else RateLimiter(parse_rate(rate))
         self.total: int | None = input_length(items)
-        inline = pull == "caller" or (pull == "auto" and (self.total is not None or _bound_to_its_thread(items)))
-        self._source: _Inline | _Puller = _Inline(items) if inline else _Puller(items, max(1, gear.window(1)))
+        self._source: _Inline | _Puller
+        if hasattr(items, "__aiter__") and not hasattr(items, "__iter__"):
+            self._source = _AsyncPuller(items, max(1, gear.window(1)))
+        elif pull == "caller" or (pull == "auto" and (self.total is not None or _bound_to_its_thread(items))):
+            self._source = _Inline(items)  # type: ignore[arg-type]
+        else:
+            self._source = _Puller(items, max(1, gear.window(1)))  # type: ignore[arg-type]
         self._next_index = 0
         self._outstanding = 0  # tasks handed to the gear, no outcome yet
         self._admitted = 0  # tasks taken from the input and not yet released
@@ -323,6 +390,20 @@ class Scheduler:
     @property
     def reads_on_thread(self) -> bool:
         return self._source.threaded
+
+    @property
+    def reads_async(self) -> bool:
+        """The input is an async iterable: only ``adrive`` (``gs.amap``) can read it."""
+        return isinstance(self._source, _AsyncPuller)
+
+    async def ajoin(self) -> None:
+        """``join`` for async callers: never blocks the loop."""
+        import asyncio
+
+        if isinstance(self._source, _AsyncPuller):
+            await self._source.ajoin()
+        elif self._source.threaded:
+            await asyncio.to_thread(self._source.join)  # it may wait a grace period
 
     def start(self, wake: Callable[[], None]) -> None:
         """Start reading the input (a thread for an unsized one); ``wake`` wakes the gear's ``collect``.
@@ -555,6 +636,8 @@ def drive(scheduler: Scheduler, gear: Gear, spec: RunSpec) -> Iterator[list[tupl
     Lists, not pairs: one generator hand-off per batch of results, not per result.
     The gear is claimed for the run (a second run on it is refused) and released at its end.
     """
+    if scheduler.reads_async:
+        raise TypeError("the input is an async iterable: read it with `async for r in gs.amap(...)`")
     gear.claim()
     ok = False
     try:
@@ -627,8 +710,7 @@ async def adrive(scheduler: Scheduler, gear: Gear, spec: RunSpec) -> AsyncGenera
             try:
                 await gear.aclose(cancel=not ok)
             finally:
-                if scheduler.reads_on_thread:
-                    await asyncio.to_thread(scheduler.join)  # not on the loop: it may wait a grace period
+                await scheduler.ajoin()
     finally:
         gear.release()
         scheduler.finish()

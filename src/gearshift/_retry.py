@@ -15,8 +15,9 @@ class Retry:
 
     The n-th retry waits ``backoff * 2**(n-1)`` seconds (capped at ``max_backoff``), times a
     random factor in [0.5, 1.5) so that many failing items do not retry in lockstep. Only
-    exceptions that are instances of ``on`` are retried (timeouts and worker crashes included
-    by default).
+    exceptions that are instances of ``on`` (an exception class or a tuple of them, as an
+    ``except`` clause takes) are retried (timeouts and worker crashes included by default).
+    Every field is checked when the policy is made, not at the first failure.
     """
 
     attempts: int = 3
