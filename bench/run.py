@@ -300,6 +300,9 @@ def targets(w: wl.Workload, rows: list[dict[str, Any]], serial: float | None) ->
         elif t.kind == "peer":
             best = _best([r for r in rows if r["key"].startswith(t.other)], PEER)
             ref, ref_label = (best["median"], best["label"]) if best else (None, t.other)
+        elif t.kind == "gear":
+            other = by_key.get(t.other)
+            ref, ref_label = (other["median"], other["label"]) if other else (None, t.other)
         elif t.kind == "manual":
             best = _best(rows, GEARSHIFT)
             ref, ref_label = (best["median"], best["label"]) if best else (None, "best manual gear")

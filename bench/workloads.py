@@ -68,6 +68,11 @@ def hash_bytes(buf: bytes) -> str:
     return digest.hexdigest()
 
 
+def array_std(a: Any) -> float:
+    """A cheap reduction over a NumPy array passed in: the cost is moving the array."""
+    return float(a.std())
+
+
 def first_byte(buf: bytes) -> int:
     """A cheap function of a large argument: the cost is moving the argument."""
     return buf[0]
@@ -91,6 +96,7 @@ class Target:
       "best_peer": ``contender`` no slower than ``bound`` x the best (non-gearshift) peer;
       "peer":      ``contender`` no slower than ``bound`` x the fastest peer whose key
                    starts with ``other``;
+      "gear":      ``contender`` no slower than ``bound`` x the contender keyed ``other``;
       "manual":    ``contender`` (auto) no slower than ``bound`` x the best manual gear.
     Contenders are named by their keys (see peers.py), which do not change with --workers.
     """
@@ -160,6 +166,16 @@ def _big_items(quick: bool) -> list[bytes]:
     return [bytes([i % 256]) * BIG_SIZE for i in range(_n(100, quick))]
 
 
+def _hash_8mib_items(quick: bool) -> list[bytes]:
+    return [bytes([i % 256]) * (8 << 20) for i in range(_n(24, quick))]
+
+
+def _numpy_items(quick: bool) -> list[Any]:
+    import numpy as np
+
+    return [np.random.default_rng(i).random(1 << 20) for i in range(_n(16, quick))]  # 8 MB each
+
+
 def _mixed_items(quick: bool) -> list[int]:
     return [CPU_ITERS] * _n(200, quick)
 
@@ -220,6 +236,18 @@ WORKLOADS: tuple[Workload, ...] = (
     Workload(
         "bigargs", f"arguments of {BIG_SIZE >> 20} MB bytes each, a cheap function (buf[0])",
         first_byte, _big_items, frozenset({"thread", "process"}), ("serial", "thread", "process"),
+    ),
+    Workload(
+        "hash-8mib", f"sha256 x{HASH_ROUNDS} over 8 MiB buffers passed in (GIL released; big arguments)",
+        hash_bytes, _hash_8mib_items, frozenset({"thread", "process"}), ("thread", "process"),
+        targets=(Target("gear", "gs-process", 1.5, other="gs-thread",
+                        source="issue 12: 8 MiB buffers hashed, process gear within 1.5x of the thread gear"),),
+    ),
+    Workload(
+        "numpy", "16 NumPy arrays of 8 MB passed in, a cheap reduction (a.std())", array_std, _numpy_items,
+        frozenset({"process"}), ("process",),
+        targets=(Target("peer", "gs-process", 1.0, other="loky",
+                        source="issue 12: 8 MB NumPy arrays in processes no slower than joblib"),),
     ),
     Workload(
         "mixed", f"wait and compute: 5 ms sleep + spin({CPU_ITERS}), 4 threads", wait_then_spin, _mixed_items,

@@ -449,6 +449,7 @@ class AutoGear(Gear):
     def _shift_now(self, decision: Decision) -> None:
         fn = self._fn_or_fail()
         old = self._delegate
+        gear: Gear
         if decision.gear == "process" and self._prestarted is not None:
             gear, self._prestarted = self._prestarted, None  # forked before the probe: use them
         else:

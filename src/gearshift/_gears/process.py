@@ -173,6 +173,7 @@ class ProcessGear(Gear):
         self._init_error: InitializerError | None = None
         self._wake_r: Connection | None = None
         self._wake_w: Connection | None = None
+        self._woken = False
         self._tags: Any = None
         self._starts: Any = None
         self._started = False
@@ -226,6 +227,7 @@ class ProcessGear(Gear):
         self._tags = self._ctx.RawArray("q", [-1] * self.workers)
         self._starts = self._ctx.RawArray("d", self.workers)
         self._wake_r, self._wake_w = self._ctx.Pipe(duplex=False)
+        self._woken = False
         self._started = False
         self._unblamed = {}
         self._deaths_in_row = 0
@@ -333,6 +335,7 @@ class ProcessGear(Gear):
             watch.append(proc.process.sentinel)
         ready = set(wait(watch, timeout))
         if self._wake_r in ready:
+            self._woken = False
             while self._wake_r.poll():
                 self._wake_r.recv_bytes()
         for proc in list(self._procs.values()):
@@ -466,7 +469,10 @@ class ProcessGear(Gear):
         return nearest
 
     def wake(self) -> None:
-        if self._wake_w is not None:
+        # Coalesced: one byte in the pipe at a time, so a thread waking a busy caller again
+        # and again can never fill the pipe and block.
+        if self._wake_w is not None and not self._woken:
+            self._woken = True
             try:
                 self._wake_w.send_bytes(b"")
             except OSError:
