@@ -398,12 +398,10 @@ class AutoGear(Gear):
     def _collect_serial(self, timeout: float | None) -> list[Result]:
         out = self._drain(None)
         if not self._pending:
-            if not out:  # nothing to run (retries backing off, a rate limit): wait, don't spin
+            if not out:  # nothing to run (retries backing off, a rate limit, a slow source): wait, don't spin
                 wait = min(timeout if timeout is not None else 0.05, 0.05)
-                if any(t.is_alive() for t in self._probes):
-                    out = self._drain(wait)
-                elif wait > 0:
-                    time.sleep(wait)
+                if wait > 0:
+                    out = self._drain(wait)  # probe outcomes, or wake() (new input) ends the wait
             return out
         assert self._delegate is not None and self._clock is not None
         batch = self._pending.popleft()
