@@ -53,6 +53,7 @@ def portable_exception(exc: BaseException, tb: str) -> BaseException:
     ``__init__`` is given a reduction that rebuilds it without calling it (see
     ``errors.rebuild_exception``); this sets ``__reduce_ex__`` on the instance.
     ``SystemExit``, ``KeyboardInterrupt`` and other ``BaseException`` s are treated alike.
+    Call it last: attributes or notes added to ``exc`` afterwards may not travel.
     """
     if _plain_builtin(exc):
         return exc
@@ -136,16 +137,21 @@ def _round_trip_error(exc: BaseException, dumps: Callable[[Any, int], bytes]) ->
 
 
 class _Rebuild:
-    """An instance's ``__reduce_ex__``: rebuild from args and ``__dict__``, skipping ``__init__``."""
+    """An instance's ``__reduce_ex__``: rebuild from args and ``__dict__``, skipping ``__init__``.
 
-    __slots__ = ("exc",)
+    A snapshot taken when the exception is made portable, so that nothing refers back to the
+    exception (no reference cycle keeping its traceback's frames alive in the worker).
+    """
+
+    __slots__ = ("args", "cls", "state")
 
     def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
+        self.cls = type(exc)
+        self.args = exc.args
+        self.state = {k: v for k, v in exc.__dict__.items() if k != "__reduce_ex__"} or None
 
     def __call__(self, protocol: int) -> tuple[Any, ...]:
-        state = {k: v for k, v in self.exc.__dict__.items() if k != "__reduce_ex__"}
-        return (rebuild_exception, (type(self.exc), self.exc.args, state or None))
+        return (rebuild_exception, (self.cls, self.args, self.state))
 
 
 def _rebuild_without_init(exc: BaseException) -> None:
