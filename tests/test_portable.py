@@ -469,3 +469,20 @@ def test_e2e_unpicklable_item_under_raise_is_the_pickling_error_noted() -> None:
     with pytest.raises(TypeError, match="#1") as info:
         gs.map(repr, [(0,), (1, threading.Lock()), (2,)], gear="process", workers=2)
     assert type(info.value) is TypeError and "gear='thread'" in "\n".join(info.value.__notes__)
+
+
+@WIRED
+def test_e2e_a_class_defined_in_the_callers_function_is_caught_as_itself() -> None:
+    """The closure travels by value with cloudpickle, its class too; the exception comes back as that class."""
+
+    class Oops(Exception):
+        def __init__(self, what: str, x: int) -> None:
+            super().__init__(f"{what}: {x}")
+
+    def work(x: int) -> int:
+        if x == 2:
+            raise Oops("local", x)
+        return x
+
+    with pytest.raises(Oops, match="local: 2"):
+        gs.map(work, range(5), gear="process", workers=2)
