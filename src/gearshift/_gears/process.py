@@ -86,6 +86,8 @@ class _Sender:
         self.conn = conn
         self.queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
         self.thread.start()
 
     def _run(self) -> None:
@@ -107,7 +109,7 @@ class _Sender:
         self.queue.put(None)
 
     def join(self) -> None:
-        while self.thread.is_alive():
+        while self.thread.is_alive():  # (never started: not alive)
             self.thread.join(0.05)  # in slices: the main thread keeps receiving signals
 
 
@@ -239,9 +241,11 @@ class ProcessGear(Gear):
         """Start every worker at once, in ``open``: before any thread of ours runs user code."""
         self._started = True
         for wid in range(self.workers):
-            self._start(wid, self._ctx)
+            self._start(wid, self._ctx, sender=False)
+        for proc in self._procs.values():  # threads only once every fork is done
+            proc.sender.start()
 
-    def _start(self, wid: int, ctx: BaseContext | None) -> None:
+    def _start(self, wid: int, ctx: BaseContext | None, sender: bool = True) -> None:
         assert ctx is not None
         blas = _blas_threads(self.workers) if self.blas_threads == "auto" else self.blas_threads
         parent_end, child_end = ctx.Pipe(duplex=True)
@@ -264,6 +268,8 @@ class ProcessGear(Gear):
         process.start()
         child_end.close()
         self._procs[wid] = _Proc(wid, process, parent_end, _Sender(parent_end, f"gearshift-sender-{wid}"))
+        if sender:
+            self._procs[wid].sender.start()
 
     def submit(self, batch: Batch) -> None:
         if self._init_error is not None:
