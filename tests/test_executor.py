@@ -253,7 +253,7 @@ def test_unpicklable_argument_fails_only_its_future() -> None:
     with gs.Executor("process", workers=2) as ex:
         bad = ex.submit(repr, threading.Lock())
         good = ex.submit(square, 4)
-        assert isinstance(bad.exception(timeout=PATIENCE), gs.UnpicklableError)
+        assert isinstance(bad.exception(timeout=PATIENCE), TypeError)  # pickle's own error, the item noted
         assert good.result(timeout=PATIENCE) == 16
 
 

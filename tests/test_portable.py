@@ -411,7 +411,6 @@ def test_unpicklable_error_is_still_a_type_error() -> None:
 
 # -- end to end, through the process gear -------------------------------------------------------
 
-WIRED = pytest.mark.xfail(reason="wired by the process gear rewrite", strict=False)
 
 
 def two_arg_on_3(x: int) -> int:
@@ -426,7 +425,6 @@ def locked_on_3(x: int) -> int:
     return x * 2
 
 
-@WIRED
 def test_e2e_two_arg_exception_is_collected_in_place() -> None:
     out = gs.map(two_arg_on_3, range(10), gear="process", workers=2, errors="collect")
     assert [v for i, v in enumerate(out) if i != 3] == [i * 2 for i in range(10) if i != 3]
@@ -436,7 +434,6 @@ def test_e2e_two_arg_exception_is_collected_in_place() -> None:
     assert "item three is bad" in str(failure.exception) and "two_arg_on_3" in failure.traceback
 
 
-@WIRED
 def test_e2e_unpicklable_attribute_comes_back_as_remote_error() -> None:
     out = gs.map(locked_on_3, range(10), gear="process", workers=2, errors="collect")
     assert [v for i, v in enumerate(out) if i != 3] == [i * 2 for i in range(10) if i != 3]
@@ -445,7 +442,6 @@ def test_e2e_unpicklable_attribute_comes_back_as_remote_error() -> None:
     assert error.type_name == "test_portable.LockedError" and "locked_on_3" in error.traceback
 
 
-@WIRED
 def test_e2e_raise_gives_the_original_type_with_the_worker_traceback() -> None:
     with pytest.raises(TwoArgError) as info:
         gs.map(two_arg_on_3, range(10), gear="process", workers=2)
@@ -454,7 +450,6 @@ def test_e2e_raise_gives_the_original_type_with_the_worker_traceback() -> None:
     assert isinstance(cause, gs.RemoteTraceback) and "two_arg_on_3" in cause.tb
 
 
-@WIRED
 def test_e2e_unpicklable_item_fails_only_that_item() -> None:
     items: list[Any] = [(0,), (1,), (2, threading.Lock()), (3,)]
     out = gs.map(repr, items, gear="process", workers=2, errors="collect")
@@ -464,14 +459,12 @@ def test_e2e_unpicklable_item_fails_only_that_item() -> None:
     assert any("#2" in note for note in failure.exception.__notes__)
 
 
-@WIRED
 def test_e2e_unpicklable_item_under_raise_is_the_pickling_error_noted() -> None:
     with pytest.raises(TypeError, match="#1") as info:
         gs.map(repr, [(0,), (1, threading.Lock()), (2,)], gear="process", workers=2)
     assert type(info.value) is TypeError and "gear='thread'" in "\n".join(info.value.__notes__)
 
 
-@WIRED
 def test_e2e_a_class_defined_in_the_callers_function_is_caught_as_itself() -> None:
     """The closure travels by value with cloudpickle, its class too; the exception comes back as that class."""
 

@@ -26,6 +26,7 @@ from types import CoroutineType
 from typing import Any
 
 from gearshift._gears import _wire
+from gearshift._portable import portable_exception, portable_value
 
 POS_BITS = 20
 
@@ -70,12 +71,11 @@ def _pack_results(
         pass
     failures = dict(failures or {})
     for pos, value in enumerate(values):
-        try:
-            _wire.unlink(_wire.dumps(value, owner)[1])
-        except Exception as exc:
-            what = "exception" if pos in failures else "result"
-            values[pos] = TypeError(f"the {what} {type(value).__name__} could not be pickled back: {exc}")
-            failures[pos] = ""
+        if pos in failures:
+            continue  # exceptions were made portable already
+        ok, values[pos] = portable_value(value)
+        if not ok:
+            failures[pos] = "".join(traceback.format_exception(values[pos]))
     return _wire.dumps(("done", bid, values, failures, elapsed), owner, values)[0]
 
 
@@ -158,8 +158,8 @@ def main(
                 append(value)
             except BaseException as exc:  # SystemExit and friends fail the item, not the worker
                 failures = failures or {}
-                failures[pos] = "".join(traceback.format_exception(exc))
-                append(exc)
+                failures[pos] = tb = "".join(traceback.format_exception(exc))
+                append(portable_exception(exc, tb))  # its own class when it can be rebuilt, else RemoteError
         tags[wid] = -1
         n = len(items)
         items = None  # let the inputs go before the results are packed
@@ -173,10 +173,7 @@ def main(
 
 def _pack_init_error(exc: BaseException, owner: int) -> bytes:
     tb = "".join(traceback.format_exception(exc))
-    try:
-        return _wire.dumps(("init_error", exc, tb), owner)[0]
-    except Exception:
-        return _wire.dumps(("init_error", RuntimeError(repr(exc)), tb), owner)[0]
+    return _wire.dumps(("init_error", portable_exception(exc, tb), tb), owner)[0]
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -43,6 +43,7 @@ import cloudpickle
 
 from gearshift._gears import _wire, _worker
 from gearshift._gears._base import Gear, cpu_count
+from gearshift._portable import unpicklable_item
 from gearshift._task import Batch, Done, Outcome, Result, RunSpec, Task
 from gearshift.errors import (
     InitializerError,
@@ -309,18 +310,13 @@ class ProcessGear(Gear):
         proc.outstanding.append((bid, batch, path))
 
     def _drop_unpicklable(self, batch: Batch) -> Batch:
-        """Fail the items that cannot be pickled, each named; keep the others."""
+        """Fail the items that cannot be pickled, each with pickle's own error naming it; keep the others."""
         keep: list[Task] = []
         for task in batch.tasks:
             try:
                 _wire.unlink(_wire.dumps(task.item, self._owner)[1])
             except Exception as exc:
-                error = UnpicklableError(
-                    f"cannot send item #{task.index} {short_repr(task.item)} to a worker process: {exc}; "
-                    "use gear='thread' to run it without pickling"
-                )
-                error.__cause__ = exc
-                self._ready.append(Outcome(task, False, error))
+                self._ready.append(Outcome(task, False, unpicklable_item(exc, task.item, task.index)))
             else:
                 keep.append(task)
         return Batch(batch.fn, keep)
@@ -358,9 +354,25 @@ class ProcessGear(Gear):
     def _drain(self, proc: _Proc) -> None:
         try:
             while proc.conn.poll():
-                self._handle(proc, _wire.loads(proc.conn.recv_bytes()))
+                data = proc.conn.recv_bytes()
+                try:
+                    msg = _wire.loads(data)
+                except Exception as exc:  # a result that pickled in the worker but cannot load here
+                    self._unloadable(proc, exc)
+                    continue
+                self._handle(proc, msg)
         except (EOFError, OSError):
             pass
+
+    def _unloadable(self, proc: _Proc, exc: Exception) -> None:
+        """A batch's reply could not be unpickled: each of its items fails with that error."""
+        if not proc.outstanding:
+            raise exc
+        _, batch, path = proc.outstanding.popleft()
+        _wire.unlink(path)
+        exc.add_note("gearshift: a result of this batch was pickled by the worker but could not be unpickled here")
+        for pos in range(len(batch)):
+            self._ready.append(Outcome(batch.task(pos), False, exc))
 
     def _handle(self, proc: _Proc, msg: tuple[Any, ...]) -> None:
         kind = msg[0]
