@@ -1,29 +1,47 @@
 """The ``gearshift`` command line: run, advise, bench, demo, info.
 
-Exit codes: 0 ok; 1 a run error, or an item failed under ``--errors raise``;
-2 bad usage or a MODULE:FUNC that cannot be imported or called; 130 interrupted (Ctrl-C).
-Colours are used only on a terminal.
+Exit codes: 0 every input has a success record; 1 some failed or have no record, or a
+run error; 2 bad usage (one line, no traceback; ``--debug`` shows it), a MODULE:FUNC
+that cannot be imported or called, or a run refused because it would harm a file;
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Colours are used only on a terminal.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 from typing import Any
 
 import click
 
 from gearshift._cli.inputs import FORMATS, Format, display_name, guess_format
-from gearshift._cli.run import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, RunOptions
+from gearshift._cli.run import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, RunOptions, printable
 from gearshift._cli.target import TargetError
 
 EPILOG = (
-    "Exit codes: 0 ok; 1 a run error, or an item failed under --errors raise; "
-    "2 bad usage or MODULE:FUNC; 130 interrupted."
+    "Exit codes: 0 every input has a success record; 1 some failed or have no record, or a run error; "
+    "2 bad usage, MODULE:FUNC, or a run refused to protect a file; 130 interrupted; 143 terminated."
+)
+
+_debug = bool(os.environ.get("GEARSHIFT_DEBUG"))
+
+
+def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    global _debug
+    _debug = _debug or value
+
+
+debug_option = click.option(
+    "--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
+    help="Show the traceback behind an error (also GEARSHIFT_DEBUG=1).",
 )
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> None:
-    click.echo(click.style(f"gearshift: error: {message}", fg="red", bold=True), err=True)
+    if _debug and sys.exc_info()[0] is not None:
+        traceback.print_exc()
+    click.echo(click.style(f"gearshift: error: {printable(message)}", fg="red", bold=True), err=True)
     sys.exit(code)
 
 
@@ -77,14 +95,23 @@ kwargs_option = click.option(
 
 
 def _check_input(path: str) -> None:
-    import os
-
-    if path != "-" and not os.path.isfile(path):
-        _fail(f"input file {display_name(path)!r} does not exist")
+    if path == "-":
+        return
+    if not os.path.lexists(path):
+        folder = os.path.dirname(os.path.abspath(path))
+        where = "" if os.path.isdir(folder) else f" (its folder {folder} does not exist either)"
+        _fail(f"input file {display_name(path)!r} does not exist{where}")
+    if os.path.isdir(path):
+        _fail(f"input {path!r} is a folder; give a file")
+    if not os.path.exists(path):
+        _fail(f"input {path!r} is a link to a missing file")
+    if not os.access(path, os.R_OK):
+        _fail(f"cannot read the input file {path!r}: permission denied")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}, epilog=EPILOG)
 @click.version_option(package_name="gearshift")
+@debug_option
 def cli() -> None:
     """gearshift: run Python work concurrently in the right gear.
 
@@ -118,24 +145,32 @@ def cli() -> None:
 @click.option("--resume", is_flag=True, help="Run only the inputs that have no record in --output yet.")
 @click.option("--retry-failed", is_flag=True,
               help="With --resume: also run again the inputs whose record is a failure (replacing it).")
-@click.option("--overwrite", is_flag=True, help="Start afresh even if --output already holds records.")
+@click.option("--overwrite", is_flag=True,
+              help="Start afresh even if --output already holds results (the old file is kept as FILE.bak).")
+@click.option("--force", is_flag=True,
+              help="With --overwrite: replace a file gearshift did not write (kept as FILE.bak); "
+                   "with --resume: resume although the input changed.")
 @click.option("--echo-input/--no-echo-input", default=True, show_default=True,
               help="Copy each input into its record.")
+@debug_option
 def run(target: str, input_path: str, output: str, fmt: str | None, kwargs: bool | None, gear: str | None,
         workers: int | None, timeout: float | None, retries: int, rate: str | None, ordered: bool, errors: str,
-        progress: bool, resume: bool, retry_failed: bool, overwrite: bool, echo_input: bool) -> None:
+        progress: bool, resume: bool, retry_failed: bool, overwrite: bool, force: bool, echo_input: bool) -> None:
     """Run MODULE:FUNC over every input in FILE, into a durable, resumable results file.
 
     Each record is {"index", "line", "input", "result" | "error": {"type", "message",
     "traceback"}, "elapsed"}, appended and flushed as its input finishes. A killed run
     continued with --resume ends with each input's record exactly once.
 
+    Your files are safe: the output is never the input; only a results file gearshift
+    wrote (it keeps a small .FILE.gearshift beside it) is resumed or replaced, and a
+    replaced one is kept as FILE.bak.
+
     \b
     Example:
       gearshift run mymodule:work --input items.jsonl --output results.jsonl --gear process
     """
-    import os
-
+    from gearshift._cli.guard import Refused
     from gearshift._cli.run import run as run_command
 
     _check_input(input_path)
@@ -148,10 +183,9 @@ def run(target: str, input_path: str, output: str, fmt: str | None, kwargs: bool
         _fail("--retry-failed goes with --resume")
     if resume and overwrite:
         _fail("--resume and --overwrite contradict each other")
-    if output != "-" and not resume and os.path.exists(output) and os.path.getsize(output) > 0:
-        if not overwrite:
-            _fail(f"{output} already holds results; add --resume to continue that run or --overwrite to start afresh")
-        open(output, "w").close()
+    if force and not (resume or overwrite):
+        _fail("--force goes with --overwrite (replace a file gearshift did not write) "
+              "or --resume (resume although the input changed)")
     if rate is not None:
         from gearshift._rate import parse_rate
 
@@ -164,10 +198,11 @@ def run(target: str, input_path: str, output: str, fmt: str | None, kwargs: bool
         gear=gear or "auto", workers=workers, timeout=timeout, retries=retries, rate=rate, ordered=ordered,
         errors=errors,  # type: ignore[arg-type]
         progress=progress, resume=resume, retry_failed=retry_failed, echo_input=echo_input,
+        overwrite=overwrite, force=force,
     )
     try:
         code = run_command(opts)
-    except TargetError as exc:
+    except (TargetError, Refused) as exc:
         _fail(str(exc))
     sys.exit(code)
 
@@ -186,6 +221,7 @@ def _load_target(target: str, kwargs: bool) -> Any:
 @input_option
 @format_option
 @kwargs_option
+@debug_option
 @click.option("--sample", "-n", type=click.IntRange(min=1), default=8, show_default=True,
               help="How many inputs (from the start of FILE) the advisor may measure.")
 def advise(target: str, input_path: str, fmt: str | None, kwargs: bool | None, sample: int) -> None:
@@ -214,6 +250,7 @@ def advise(target: str, input_path: str, fmt: str | None, kwargs: bool | None, s
 @input_option
 @format_option
 @kwargs_option
+@debug_option
 @click.option("--gears", default="serial,thread,process,async,auto", show_default=True,
               help="Gears to compare, separated by commas.")
 @click.option("--workers", "workers_text", default=None, metavar="N[,N...]",
@@ -280,19 +317,30 @@ def info() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The console script: run ``cli`` and turn Ctrl-C anywhere into exit code 130."""
+    """The console script: Ctrl-C anywhere is exit code 130; any other error one line (``--debug``: its traceback)."""
     try:
         rv = cli.main(args=argv, prog_name="gearshift", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("gearshift: interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
-    except KeyboardInterrupt:
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("gearshift: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
+    except Exception as exc:
+        if _debug:
+            traceback.print_exc()
+        hint = "" if _debug else " (--debug shows the traceback)"
+        message = f"gearshift: error: {type(exc).__name__}: {_message(exc)}{hint}"
+        click.echo(click.style(printable(message), fg="red", bold=True), err=True)
+        sys.exit(EXIT_FAILED)
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _message(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:
+        return "<unprintable>"
 
 
 if __name__ == "__main__":

@@ -4,6 +4,11 @@ The run goes through ``gs.imap`` with ``errors="collect"`` so that every input e
 record, success or failure; the command's own ``--errors`` policy (raise: stop at the
 first failure; skip: leave failures unrecorded, so a resumed run tries them again) is
 applied here, where the record is written.
+
+The exit code tells the truth: 0 only when every input has a success record (earlier
+runs' records included, on --resume); 1 when some are failures, when an input has no
+record, or on a run error; 130/143 when a signal cut the run short. Whenever an input
+is left without a record, the command that finishes the run is printed.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from typing import Any, Literal
 import click
 
 import gearshift as gs
-from gearshift._cli.inputs import Format, Item, count_inputs, read_items
-from gearshift._cli.outputs import RecordWriter, recover
+from gearshift._cli import guard
+from gearshift._cli.inputs import Format, Item, check_readable, count_inputs, display_name, read_items
+from gearshift._cli.outputs import RecordWriter, Recovered, recover, safe_str
 from gearshift._cli.target import MalformedInput, make_call
 from gearshift._gears import GEARS
 from gearshift._retry import Retry
@@ -30,6 +36,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 ErrorsArg = Literal["raise", "collect", "skip"]
 
@@ -76,6 +83,8 @@ class RunOptions:
     resume: bool = False
     retry_failed: bool = False
     echo_input: bool = True
+    overwrite: bool = False
+    force: bool = False
 
 
 @dataclass
@@ -87,15 +96,45 @@ class Tally:
     failures_by_type: Counter[str] = field(default_factory=Counter)
 
 
-def _say(message: str, **style: Any) -> None:
+@dataclass
+class Coverage:
+    """Which inputs have a record: whether the run may exit 0, or must say how to finish."""
+
+    read_all: bool = False  # the input was read to its end
+    inputs: int = 0  # how many inputs it held (when read_all)
+    succeeded: set[int] = field(default_factory=set)
+    failed: set[int] = field(default_factory=set)
+
+    def missing(self) -> int:
+        return self.inputs - sum(1 for i in self.succeeded | self.failed if i < self.inputs)
+
+    def failures(self) -> int:
+        return sum(1 for i in self.failed - self.succeeded if i < self.inputs)
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c not in (0x09, 0x0A)}
+
+
+def printable(text: str) -> str:
+    """User-made text fit for a terminal: control characters and lone surrogates escaped."""
+    text = text.translate(_CONTROL)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _say(message: str, *, styled: bool = False, **style: Any) -> None:
+    """One line to stderr; ``styled``: the message holds colours of ours, and no user text to escape."""
+    message = message if styled else printable(message)
     click.echo(click.style(message, **style) if style else message, err=True)
 
 
+_ONE_RUN_ONLY = {"--overwrite", "--force", "--retry-failed"}
+
+
 def resume_command(output: str) -> str:
-    """The exact command that continues this run."""
+    """The exact command that continues this run (what was said once, --overwrite, --force, is not repeated)."""
     argv0 = os.path.basename(sys.argv[0])
     prog = ["gearshift"] if argv0 == "gearshift" else [sys.executable, "-m", "gearshift"]
-    args = [a for a in sys.argv[1:] if a != "--overwrite"]
+    args = [a for a in sys.argv[1:] if a not in _ONE_RUN_ONLY]
     if "--resume" not in args:
         args.append("--resume")
     return shlex.join(prog + args)
@@ -144,23 +183,56 @@ def record_of(value: Any, in_flight: dict[int, Item], echo_input: bool) -> tuple
     return record, True
 
 
+def prepare(opts: RunOptions) -> tuple[set[int], set[int]]:
+    """Check the input and decide what to do to the output, before anything is written.
+
+    Raises ``guard.Refused`` (one line, exit 2) when the run would harm a file or cannot
+    read its input. Returns the inputs that already have a success record, and a failure one.
+    """
+    try:
+        check_readable(opts.input)
+    except OSError as exc:
+        raise guard.Refused(f"cannot read the input: {exc}") from None
+    plan = guard.plan_output(opts.output, opts.input, resume=opts.resume, overwrite=opts.overwrite,
+                             force=opts.force)
+    if opts.resume:
+        warning = guard.check_same_input(opts.output, opts.input, force=opts.force)
+        if warning is not None:
+            _say(f"gearshift run: {warning}", fg="yellow")
+    try:
+        guard.start_output(plan, opts.input, guard.command_line())
+    except OSError as exc:
+        raise guard.Refused(f"cannot write beside --output {opts.output}: {exc}") from None
+    for note in plan.notes:
+        _say(f"gearshift run: {note}")
+    if not opts.resume:
+        return set(), set()
+    found = recover(opts.output, drop_failures=opts.retry_failed, input_path=opts.input)
+    _tell_recovered(opts.output, found)
+    return found.done - found.failed, found.failed
+
+
+def _tell_recovered(output: str, found: Recovered) -> None:
+    if found.torn_bytes:
+        _say(f"gearshift run: cut a torn last line ({found.torn_bytes} bytes, a record cut short by a kill) "
+             f"off {output}", fg="yellow")
+    for number in found.bad_lines:
+        _say(f"gearshift run: {output}:{number}: not a record, left as it is", fg="yellow")
+    if found.dropped_failures:
+        _say(f"gearshift run: dropped {found.dropped_failures} failure records, to run those inputs again "
+             f"(the file as it was is kept as {found.backup})")
+    if found.duplicates:
+        _say(f"gearshift run: {output} holds {found.duplicates} duplicate records", fg="yellow")
+    _say(f"gearshift run: resuming, {len(found.done)} inputs already have a record in {output}")
+
+
 def run(opts: RunOptions) -> int:
     """Run ``opts`` and return the exit code; the summary goes to stderr."""
     call = make_call(opts.target, opts.kwargs)
     gear = opts.gear
-    done: set[int] = set()
-    if opts.resume:
-        found = recover(opts.output, drop_failures=opts.retry_failed)
-        done = found.done
-        if found.torn_bytes:
-            _say(f"gearshift run: cut a torn last line ({found.torn_bytes} bytes) off {opts.output}", fg="yellow")
-        for number in found.bad_lines:
-            _say(f"gearshift run: {opts.output}:{number}: not a record, ignored", fg="yellow")
-        if found.dropped_failures:
-            _say(f"gearshift run: dropped {found.dropped_failures} failure records, to run those inputs again")
-        if found.duplicates:
-            _say(f"gearshift run: {opts.output} holds {found.duplicates} duplicate records", fg="yellow")
-        _say(f"gearshift run: resuming, {len(done)} inputs already have a record in {opts.output}")
+    succeeded, failed = prepare(opts)
+    done = succeeded | failed
+    cover = Coverage(succeeded=succeeded, failed=failed)
 
     bar = opts.progress and sys.stderr.isatty()
 
@@ -169,23 +241,30 @@ def run(opts: RunOptions) -> int:
         if bar:  # above the progress bar, not through it
             from tqdm import tqdm
 
-            tqdm.write(click.style(text, fg="red"), file=sys.stderr)
+            tqdm.write(click.style(printable(text), fg="red"), file=sys.stderr)
         else:
             _say(text, fg="red")
 
     in_flight: dict[int, Item] = {}  # the line and input of each running item (a bounded window)
 
     def pending() -> Iterator[Item]:
+        count = 0
         for item in read_items(opts.input, opts.fmt, kwargs=opts.kwargs, on_malformed=on_malformed):
+            count = item.index + 1
             if item.index not in done:
                 in_flight[item.index] = item
                 yield item
+        cover.inputs = count
+        cover.read_all = True
 
     total = count_inputs(opts.input, opts.fmt)  # one quick pass: a progress bar with an ETA
     items: Iterable[Item] = pending() if total is None else _Sized(pending(), max(0, total - len(done)))
     retries = _NoRetryOnMalformed(attempts=opts.retries + 1) if opts.retries else 0
     tally = Tally()
-    writer = RecordWriter(opts.output)
+    try:
+        writer = RecordWriter(opts.output)
+    except OSError as exc:
+        raise guard.Refused(f"cannot write --output {opts.output}: {exc.strerror or exc}") from None
     started = time.perf_counter()
     results = gs.imap(
         call, items, gear=gear, workers=opts.workers, ordered=opts.ordered, errors="collect",
@@ -206,6 +285,7 @@ def run(opts: RunOptions) -> int:
                     continue
             writer.write(record)
             tally.written += 1
+            (cover.succeeded if ok else cover.failed).add(record["index"])
             if not ok and opts.errors == "raise":
                 _say(f"gearshift run: stopped at the first failure (--errors raise), input #{record['index']} "
                      f"(line {record['line']}):", fg="red", bold=True)
@@ -225,22 +305,57 @@ def run(opts: RunOptions) -> int:
     except Exception as exc:
         results.close()
         writer.close()
-        _say(f"gearshift run: error: {type(exc).__name__}: {exc}", fg="red", bold=True)
+        where = "" if cover.read_all else f" (reading {display_name(opts.input)})"
+        _say(f"gearshift run: error{where}: {type(exc).__name__}: {safe_str(exc)}", fg="red", bold=True)
         _summary(opts, tally, results.report, gear, time.perf_counter() - started, len(done))
+        _finish_hint(opts, cover)
         return EXIT_FAILED
     finally:
         results.close()
         writer.close()
+    code = _stopped_code(stopped, code)
+    _summary(opts, tally, results.report, gear, time.perf_counter() - started, len(done))
+    return _final_code(opts, cover, code)
+
+
+def _stopped_code(stopped: BaseException | None, code: int) -> int:
+    """The exit code for a run stopped by Ctrl-C, SIGTERM (the engine raises SystemExit(143)) or a SystemExit."""
     if isinstance(stopped, KeyboardInterrupt):
         _say("gearshift run: interrupted; what finished is recorded, what was running was dropped", fg="yellow")
-        code = EXIT_INTERRUPTED
-    elif isinstance(stopped, SystemExit):
-        _say("gearshift run: terminated; what finished is recorded, what was running was dropped", fg="yellow")
-        code = stopped.code if isinstance(stopped.code, int) else EXIT_FAILED
-    _summary(opts, tally, results.report, gear, time.perf_counter() - started, len(done))
-    if code != EXIT_OK and opts.output != "-":
-        _say(f"to finish the run: {resume_command(opts.output)}", bold=True)
+        return EXIT_INTERRUPTED
+    if isinstance(stopped, SystemExit):
+        if stopped.code == EXIT_TERMINATED:
+            _say("gearshift run: terminated; what finished is recorded, what was running was dropped", fg="yellow")
+            return EXIT_TERMINATED
+        _say(f"gearshift run: stopped by SystemExit({stopped.code!r}); what finished is recorded", fg="yellow")
+        return stopped.code if isinstance(stopped.code, int) and stopped.code != 0 else EXIT_FAILED
     return code
+
+
+def _final_code(opts: RunOptions, cover: Coverage, code: int) -> int:
+    """0 only when every input has a success record; otherwise non-zero, with how to finish."""
+    missing = cover.missing() if cover.read_all else None
+    if missing is None or missing:
+        _finish_hint(opts, cover)
+        return code if code != EXIT_OK else EXIT_FAILED
+    failures = cover.failures()
+    if failures and code == EXIT_OK:
+        _say(f"gearshift run: {failures} of {cover.inputs} inputs have a failure record (exit 1); "
+             "--resume --retry-failed runs them again")
+        return EXIT_FAILED
+    return code
+
+
+def _finish_hint(opts: RunOptions, cover: Coverage) -> None:
+    missing = cover.missing() if cover.read_all else None
+    what = "some inputs have" if missing is None else f"{missing} of {cover.inputs} inputs have"
+    if opts.output == "-":
+        _say(f"gearshift run: {what} no record (results went to stdout: run those again with an --output file)",
+             fg="yellow")
+        return
+    _say(f"gearshift run: {what} no record yet", fg="yellow")
+    stdin = " (feeding it the same input)" if opts.input == "-" else ""
+    _say(f"to finish the run{stdin}: {resume_command(opts.output)}", bold=True)
 
 
 def _summary(opts: RunOptions, tally: Tally, report: gs.Report, gear: str, wall: float, already: int) -> None:
@@ -248,12 +363,13 @@ def _summary(opts: RunOptions, tally: Tally, report: gs.Report, gear: str, wall:
     rate = done / wall if wall > 0 else 0.0
     failed = f"{tally.failed} failed"
     if tally.failures_by_type:
-        failed += " (" + ", ".join(f"{k} x{v}" for k, v in tally.failures_by_type.most_common()) + ")"
+        failed += " (" + ", ".join(f"{printable(k)} x{v}" for k, v in tally.failures_by_type.most_common()) + ")"
     _say(
         f"gearshift run: {done} inputs in {wall:.2f}s ({rate:,.0f}/s): "
         + click.style(f"{tally.succeeded} succeeded", fg="green")
         + ", "
-        + click.style(failed, fg="red" if tally.failed else None)
+        + click.style(failed, fg="red" if tally.failed else None),
+        styled=True,
     )
     if tally.skipped:
         _say(f"  {tally.skipped} failures not recorded (--errors skip): a --resume run tries them again")

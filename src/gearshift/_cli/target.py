@@ -27,6 +27,18 @@ class MalformedInput(ValueError):
     """The input line could not be parsed; the message names the file and line."""
 
 
+class TaskExit(Exception):
+    """The function called ``sys.exit`` (raised SystemExit) for one input.
+
+    In a command that runs a function over many inputs, that ends this input, not the
+    run: in every gear it is recorded as this failure, so no input is left without a record.
+    """
+
+
+def _exit_failure(exc: SystemExit) -> TaskExit:
+    return TaskExit(f"the function called sys.exit({exc.code!r}) (SystemExit); this input failed, the run goes on")
+
+
 def _importable(path: str) -> None:
     if path not in sys.path:
         sys.path.insert(0, path)
@@ -102,6 +114,10 @@ class Call:
         start = time.perf_counter()
         try:
             result = self._start(item)
+        except SystemExit as exc:
+            failure = _exit_failure(exc)
+            _note_elapsed(failure, start)
+            raise failure from exc
         except BaseException as exc:
             _note_elapsed(exc, start)
             raise
@@ -117,6 +133,10 @@ class AsyncCall(Call):
             result = self._start(item)
             if inspect.isawaitable(result):
                 result = await result
+        except SystemExit as exc:
+            failure = _exit_failure(exc)
+            _note_elapsed(failure, start)
+            raise failure from exc
         except BaseException as exc:
             _note_elapsed(exc, start)
             raise
