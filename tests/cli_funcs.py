@@ -50,6 +50,50 @@ async def asquare(x: int) -> int:
     return x * x
 
 
+def identity(x: Any) -> Any:
+    return x
+
+
+def tuple_keys(x: int) -> dict[tuple[int, str], int]:
+    """A result JSON cannot hold (a dict with tuple keys)."""
+    return {(x, "k"): x}
+
+
+class NoRepr:
+    def __repr__(self) -> str:
+        raise RuntimeError("this object cannot be shown")
+
+
+def unshowable(x: int) -> NoRepr:
+    return NoRepr()
+
+
+def exit_on_twos(x: int) -> int:
+    """Calls sys.exit(0) for every multiple of 2: that input fails, the run goes on."""
+    if x % 2 == 0:
+        raise SystemExit(0)
+    return x
+
+
+async def aexit_on_twos(x: int) -> int:
+    await asyncio.sleep(0)
+    return exit_on_twos(x)
+
+
+async def asquare_slowly(x: int) -> int:
+    await asyncio.sleep(0.002)
+    return x * x
+
+
+def reject(x: Any) -> Any:
+    """Fails with the input in its message (odd characters included)."""
+    raise ValueError(f"cannot take {x}")
+
+
+def greet(name: str, greeting: str = "hello") -> str:
+    return f"{greeting}, {name}!"
+
+
 NOT_CALLABLE = 42
 
 

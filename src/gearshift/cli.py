@@ -323,6 +323,12 @@ def main(argv: list[str] | None = None) -> None:
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("gearshift: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
+    except click.UsageError as exc:  # one line, like every other usage error
+        command = exc.ctx.command_path if exc.ctx is not None else "gearshift"
+        message = " ".join(exc.format_message().split())
+        click.echo(click.style(f"gearshift: error: {message} (see '{command} --help')", fg="red", bold=True),
+                   err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

@@ -278,4 +278,4 @@ def keep_backup(output: str, input_path: str) -> str:
 
 def command_line() -> list[str]:
     """The command as typed, for the sidecar (what made this file)."""
-    return [os.path.basename(sys.argv[0]), *sys.argv[1:]]
+    return ["gearshift", *sys.argv[1:]]
