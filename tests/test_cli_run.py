@@ -208,6 +208,8 @@ def test_resume_with_retry_failed_runs_the_failures_again(tmp_path: Path) -> Non
     assert sorted(r["index"] for r in records) == list(range(30))
     assert all(r["result"] == r["index"] for r in records)
     assert not list(tmp_path.glob("*.gearshift-tmp"))
+    kept = read_records(f"{out}.bak")  # the dropped failure records are not lost
+    assert sorted(r["index"] for r in kept if "error" in r) == [0, 7, 14, 21, 28]
 
 
 @pytest.mark.parametrize(

@@ -98,18 +98,27 @@ class Tally:
 
 @dataclass
 class Coverage:
-    """Which inputs have a record: whether the run may exit 0, or must say how to finish."""
+    """Which inputs have a record: whether the run may exit 0, or must say how to finish.
 
+    This run's records are counted, not kept (an endless stdin stays in bounded memory):
+    the engine delivers each pending input once, and inputs done before are not pending.
+    """
+
+    before_ok: set[int] = field(default_factory=set)  # records from before (--resume): a success
+    before_failed: set[int] = field(default_factory=set)  # only failure records
+    ok: int = 0
+    failed: int = 0
     read_all: bool = False  # the input was read to its end
     inputs: int = 0  # how many inputs it held (when read_all)
-    succeeded: set[int] = field(default_factory=set)
-    failed: set[int] = field(default_factory=set)
+
+    def _before(self, indexes: set[int]) -> int:
+        return sum(1 for i in indexes if i < self.inputs)
 
     def missing(self) -> int:
-        return self.inputs - sum(1 for i in self.succeeded | self.failed if i < self.inputs)
+        return self.inputs - self.ok - self.failed - self._before(self.before_ok) - self._before(self.before_failed)
 
     def failures(self) -> int:
-        return sum(1 for i in self.failed - self.succeeded if i < self.inputs)
+        return self.failed + self._before(self.before_failed)
 
 
 _CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c not in (0x09, 0x0A)}
@@ -232,7 +241,7 @@ def run(opts: RunOptions) -> int:
     gear = opts.gear
     succeeded, failed = prepare(opts)
     done = succeeded | failed
-    cover = Coverage(succeeded=succeeded, failed=failed)
+    cover = Coverage(before_ok=succeeded, before_failed=failed)
 
     bar = opts.progress and sys.stderr.isatty()
 
@@ -285,7 +294,10 @@ def run(opts: RunOptions) -> int:
                     continue
             writer.write(record)
             tally.written += 1
-            (cover.succeeded if ok else cover.failed).add(record["index"])
+            if ok:
+                cover.ok += 1
+            else:
+                cover.failed += 1
             if not ok and opts.errors == "raise":
                 _say(f"gearshift run: stopped at the first failure (--errors raise), input #{record['index']} "
                      f"(line {record['line']}):", fg="red", bold=True)
