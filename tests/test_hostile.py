@@ -359,3 +359,99 @@ def test_a_script_without_main_guard_whose_worker_crashes_once(tmp_path: Path) -
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=80, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "RESULT [12, 14, 16, 18]"
+
+
+# -- bug: an item or function that cannot be loaded in the worker crashes it; innocents are blamed --
+def _explode() -> None:
+    raise RuntimeError("cannot rebuild me in the worker")
+
+
+class Unloadable:
+    """Pickles fine in the parent; rebuilding it in the worker raises."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_explode, ())
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.xfail(strict=False, reason="_worker.main: an item failing to unpickle kills the worker; item #0 is blamed")
+def test_an_item_that_cannot_be_rebuilt_in_the_worker_fails_alone() -> None:
+    out = gs.map(ident, [1, Unloadable(), 3, 4], gear="process", workers=1, errors="collect", chunksize=4)
+    assert out[0] == 1 and out[2:] == [3, 4]
+    assert isinstance(out[1], gs.Failure) and "cannot rebuild me" in repr(out[1].exception)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.xfail(strict=False, reason="process._fn_bytes: a __main__ function defined under the guard goes by "
+                   "reference; fork-server workers cannot load it and their items fail as WorkerCrashed")
+def test_a_function_defined_under_the_main_guard_with_replacements(tmp_path: Path) -> None:
+    script = tmp_path / "inguard.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import gearshift as gs
+            if __name__ == "__main__":
+                def f(x):
+                    return x * 2
+                out = gs.map(f, range(10), gear="process", chunksize=1, workers=2, max_tasks_per_worker=1)
+                print("RESULT", out, flush=True)
+            """
+        )
+    )
+    env = {**os.environ, "GEARSHIFT_START_METHOD": "fork"}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=80, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1] == f"RESULT {[x * 2 for x in range(10)]}"
+
+
+# -- bug: big memoryviews with a format memoryview.cast cannot make ---------------------------------
+@pytest.mark.timeout(60)
+@pytest.mark.xfail(strict=False, reason="_wire._persistent_load: memoryview.cast refuses non-native formats")
+@pytest.mark.parametrize(
+    "array",
+    [np.ones(MiB, dtype=">f8"), np.zeros(MiB // 2, dtype=[("a", "i4"), ("b", "f8")])],
+    ids=["big-endian", "structured"],
+)
+def test_big_memoryviews_of_any_format_round_trip(array: np.ndarray) -> None:
+    view = memoryview(array)  # type: ignore[arg-type]
+    (back,) = gs.map(ident, [view], gear="process", workers=1, errors="collect")
+    assert type(back) is memoryview and back.format == view.format and back.tobytes() == view.tobytes()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.xfail(strict=False, reason="a memoryview comes back as bytes below _wire.OOB_MIN, as a memoryview above")
+def test_a_memoryview_comes_back_as_the_same_type_whatever_its_size() -> None:
+    out = gs.map(ident, [memoryview(b"abc"), memoryview(bytes(_wire.OOB_MIN))], gear="process", workers=1)
+    assert type(out[0]) is type(out[1])
+
+
+# -- SIGTERM to a program mapping big data ------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_sigterm_during_a_big_data_run_leaves_nothing(tmp_path: Path) -> None:
+    script = tmp_path / "term.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os, time, gearshift as gs
+            def work(b):
+                time.sleep(0.05)
+                return bytes(len(b))
+            if __name__ == "__main__":
+                print(os.getpid(), flush=True)
+                gs.map(work, (bytes(32 << 20) for _ in range(400)), gear="process", workers=2)
+            """
+        )
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    pid = int(proc.stdout.readline())
+    deadline = time.monotonic() + 30  # wait until data is in flight
+    while not [n for n in os.listdir(_wire.SHM_DIR) if n.startswith(f"{_wire.PREFIX}{pid}-")]:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.01)
+    proc.terminate()
+    assert proc.wait(30) != 0
+    deadline = time.monotonic() + 10  # workers notice their parent is gone within 0.5 s
+    while [n for n in os.listdir(_wire.SHM_DIR) if n.startswith(f"{_wire.PREFIX}{pid}-")]:
+        assert time.monotonic() < deadline, "shared-memory files left after SIGTERM"
+        time.sleep(0.05)
