@@ -24,7 +24,7 @@ from gearshift._cancel import CancelToken, bind_token
 from gearshift._gears._base import CANCEL_GRACE, Gear, warn_stuck
 from gearshift._gears._blocking import DaemonThreadPool
 from gearshift._task import Batch, Outcome, Result, RunSpec, Task, format_tb
-from gearshift.errors import InitializerError, TaskTimeout
+from gearshift.errors import InitializerError, TaskCancelled, TaskTimeout
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
@@ -35,6 +35,14 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
         return asyncio.new_event_loop
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     return factory
+
+
+def _arm(loop: asyncio.AbstractEventLoop, scope: asyncio.Timeout, deadline: float) -> None:
+    """Set ``scope`` to expire at ``deadline`` (``time.monotonic()``), unless its call already ended."""
+    try:
+        scope.reschedule(loop.time() + max(0.0, deadline - time.monotonic()))
+    except RuntimeError:  # the scope was exited: the call ended before its start was announced
+        pass
 
 
 def is_async_callable(fn: Callable[..., Any]) -> bool:
@@ -71,6 +79,7 @@ class AsyncGear(Gear):
         self._token = CancelToken()
         self._is_async: dict[int, bool] = {}
         self._escaped: BaseException | None = None
+        self._closing = False  # the run is cancelling its tasks: their CancelledError is its own
 
     @classmethod
     def default_workers(cls) -> int:
@@ -92,6 +101,7 @@ class AsyncGear(Gear):
     # -- lifecycle ------------------------------------------------------------------------
     def open(self, spec: RunSpec) -> None:
         self._spec = spec
+        self._closing = False
         self._token = CancelToken()
         self._pool = DaemonThreadPool(max_workers=min(self.workers, 256), thread_name_prefix="gearshift-async")
         if spec.initializer is not None:
@@ -166,54 +176,102 @@ class AsyncGear(Gear):
             known = self._is_async[id(fn)] = is_async_callable(fn)
         return known
 
-    async def _invoke(self, fn: Callable[[Any], Any], item: Any, token: CancelToken | None) -> Any:
-        if token is None:  # a coroutine function: asyncio's own cancellation stops it
-            return await fn(item)
+    async def _call(
+        self, fn: Callable[[Any], Any], item: Any, token: CancelToken, scope: asyncio.Timeout | None
+    ) -> Any:
+        """Run a blocking ``fn`` in a thread; ``scope``, if given, is armed when it starts there."""
+        assert self._pool is not None
         loop = asyncio.get_running_loop()
         ctx = contextvars.copy_context()
-        result = await loop.run_in_executor(self._pool, ctx.run, self._in_thread, fn, item, token)
+        future = self._pool.submit(ctx.run, self._in_thread, fn, item, token, None if scope is None else (loop, scope))
+        try:
+            result = await asyncio.wrap_future(future, loop=loop)
+        except asyncio.CancelledError:
+            if not future.cancel():  # it runs on in its thread: count that thread as stuck
+                self._pool.abandon(future)
+            raise
         if inspect.isawaitable(result):  # a plain function that returned a coroutine
             result = await result
         return result
 
-    def _in_thread(self, fn: Callable[[Any], Any], item: Any, token: CancelToken | None) -> Any:
+    def _in_thread(
+        self,
+        fn: Callable[[Any], Any],
+        item: Any,
+        token: CancelToken,
+        clock: tuple[asyncio.AbstractEventLoop, asyncio.Timeout] | None,
+    ) -> Any:
+        if clock is not None:
+            # The item starts now, not when it was queued for a thread: its deadline counts from here.
+            deadline = time.monotonic() + (self._spec.timeout or 0.0)
+            clock[0].call_soon_threadsafe(_arm, clock[0], clock[1], deadline)
         with bind_token(token):
             return fn(item)
 
     async def _run(self, fn: Callable[[Any], Any], task: Task, is_async: bool) -> None:
         assert self._sem is not None
-        async with self._sem:
-            start = time.perf_counter()
-            limit = self._spec.timeout
-            scope = None if limit is None else asyncio.timeout(limit)
-            # A blocking fn runs on in its thread after a timeout: its own token tells it to stop.
-            # (Made only for those: a token per coroutine would cost more than the coroutine.)
-            token = None if is_async else CancelToken(self._token)
-            try:
-                if scope is None:
-                    value = await (fn(task.item) if is_async else self._invoke(fn, task.item, token))
+        start = 0.0
+        scope: asyncio.Timeout | None = None
+        token: CancelToken | None = None
+        try:
+            async with self._sem:
+                start = time.perf_counter()
+                limit = self._spec.timeout
+                if is_async:
+                    # (No token: a token per coroutine would cost more than the coroutine.)
+                    if limit is None:
+                        value = await fn(task.item)
+                    else:
+                        async with asyncio.timeout(limit) as scope:
+                            value = await fn(task.item)
                 else:
-                    async with scope:
-                        value = await self._invoke(fn, task.item, token)
-            except Exception as exc:
-                elapsed = time.perf_counter() - start
-                if scope is not None and isinstance(exc, TimeoutError) and scope.expired():
-                    if token is not None:
-                        token.cancel()
-                    limit = self._spec.timeout or 0.0
-                    self._deliver(Outcome(task, False, TaskTimeout(limit, task.item, task.index), elapsed))
-                else:
-                    self._deliver(Outcome(task, False, exc, elapsed, format_tb(exc)))
+                    # A blocking fn runs on in its thread after a timeout: its own token tells it to stop.
+                    token = CancelToken(self._token)
+                    if limit is None:
+                        value = await self._call(fn, task.item, token, None)
+                    else:
+                        async with asyncio.timeout(None) as scope:  # armed when fn starts in a thread
+                            value = await self._call(fn, task.item, token, scope)
+        except asyncio.CancelledError as exc:
+            if not self._cancelled(task, exc, start):
                 return
-            except asyncio.CancelledError:
-                raise
-            except BaseException as exc:
-                # SystemExit/KeyboardInterrupt from a task means "stop": raise it in the caller
-                # (collect) rather than let it kill the loop thread and leave the run waiting.
-                self._escaped = exc
-                self.wake()
-                return
-            self._deliver(Outcome(task, True, value, time.perf_counter() - start))
+            raise
+        except Exception as exc:
+            elapsed = time.perf_counter() - start
+            if scope is not None and isinstance(exc, TimeoutError) and scope.expired():
+                if token is not None:
+                    token.cancel()
+                limit = self._spec.timeout or 0.0
+                self._deliver(Outcome(task, False, TaskTimeout(limit, task.item, task.index), elapsed))
+            else:
+                self._deliver(Outcome(task, False, exc, elapsed, format_tb(exc)))
+            return
+        except BaseException as exc:
+            # SystemExit/KeyboardInterrupt from a task means "stop": raise it in the caller
+            # (collect) rather than let it kill the loop thread and leave the run waiting.
+            self._escaped = exc
+            self.wake()
+            return
+        self._deliver(Outcome(task, True, value, time.perf_counter() - start))
+
+    def _cancelled(self, task: Task, exc: asyncio.CancelledError, start: float) -> bool:
+        """Whether a task that ended in ``exc`` was cancelled by the run (close, Ctrl-C, timeout).
+
+        Otherwise the item failed on its own (it awaited a future someone else cancelled):
+        it gets ``TaskCancelled``, a plain exception, so that neither the task group nor the
+        caller's loop takes it for a cancellation of theirs, and the item still ends. A
+        cancellation asked of this very task (``cancelling()``) stays one, as asyncio requires;
+        if the run did not ask for it either, the item is reported as cancelled all the same.
+        """
+        current = asyncio.current_task()
+        requested = current is not None and current.cancelling() > 0
+        if requested and self._closing:
+            return True
+        error = TaskCancelled(task.item, task.index)
+        error.__cause__ = exc
+        elapsed = time.perf_counter() - start if start else 0.0
+        self._deliver(Outcome(task, False, error, elapsed, format_tb(error)))
+        return requested
 
     def _deliver(self, outcome: Outcome) -> None:
         if self._native:
@@ -275,6 +333,7 @@ class AsyncGear(Gear):
 
     # -- shutdown -------------------------------------------------------------------------
     def _cancel_all(self) -> None:
+        self._closing = True
         if self._main_task is not None:
             self._main_task.cancel()  # its task group cancels every task, then waits for them
         for handle in list(self._tasks):
@@ -286,6 +345,7 @@ class AsyncGear(Gear):
         if cancel:
             self._token.cancel()
         if self._native:
+            self._closing = True
             for handle in list(self._tasks):
                 handle.cancel()
         elif self._loop is not None and self._thread is not None:
@@ -309,13 +369,17 @@ class AsyncGear(Gear):
             return
         if cancel:
             self._token.cancel()
+        self._closing = True
         tasks = list(self._tasks)
         for handle in tasks:
             handle.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        pool = self._pool
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+            if pool.join(0):  # joined off the loop: a stuck call may take the whole grace period
+                warn_stuck(await asyncio.to_thread(pool.join, CANCEL_GRACE), "thread(s) of the async gear")
         self._reset()
 
     def _stop_soon(self) -> None:
