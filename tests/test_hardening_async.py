@@ -20,6 +20,7 @@ import pytest
 from helpers import PATIENCE
 
 import gearshift as gs
+from gearshift._gears._blocking import DaemonThreadPool
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -293,3 +294,28 @@ def test_quick_items_behind_stuck_blocking_calls_still_run(mode: str) -> None:
     assert [type(r.exception) for r in out[:2]] == [gs.TaskTimeout, gs.TaskTimeout]
     assert out[2:] == list(range(2, 22))
     assert ran_beside_stuck == [True] * 20
+
+
+def test_the_thread_pool_replaces_a_thread_stuck_in_an_abandoned_call() -> None:
+    pool = DaemonThreadPool(1, "gearshift-test-pool")
+    started, gate = threading.Event(), threading.Event()
+
+    def stuck() -> str:
+        started.set()
+        gate.wait(PATIENCE)
+        return "late"
+
+    try:
+        slow = pool.submit(stuck)
+        assert started.wait(PATIENCE)
+        quick = pool.submit(lambda: "quick")  # queued: the pool's one thread is busy
+        pool.abandon(slow)
+        assert quick.result(timeout=PATIENCE) == "quick"
+        assert pool.stuck == 1
+        pool.abandon(quick)  # already done: nothing to abandon
+        assert pool.stuck == 1
+    finally:
+        gate.set()
+    assert slow.result(timeout=PATIENCE) == "late"
+    pool.shutdown(wait=True)
+    assert pool.stuck == 0

@@ -187,7 +187,7 @@ class AsyncGear(Gear):
         try:
             result = await asyncio.wrap_future(future, loop=loop)
         except asyncio.CancelledError:
-            if not future.cancel():  # it runs on in its thread: count that thread as stuck
+            if not future.cancel() and not self._closing:  # it runs on: count its thread as stuck
                 self._pool.abandon(future)
             raise
         if inspect.isawaitable(result):  # a plain function that returned a coroutine
@@ -201,6 +201,8 @@ class AsyncGear(Gear):
         token: CancelToken,
         clock: tuple[asyncio.AbstractEventLoop, asyncio.Timeout] | None,
     ) -> Any:
+        if token.cancelled:  # the run was cancelled while this call waited for a thread
+            raise asyncio.CancelledError
         if clock is not None:
             # The item starts now, not when it was queued for a thread: its deadline counts from here.
             deadline = time.monotonic() + (self._spec.timeout or 0.0)
