@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -21,6 +22,7 @@ from helpers import PATIENCE
 
 import gearshift as gs
 from gearshift._gears._blocking import DaemonThreadPool
+from gearshift._gears.aio import _Clock
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -319,3 +321,23 @@ def test_the_thread_pool_replaces_a_thread_stuck_in_an_abandoned_call() -> None:
     assert slow.result(timeout=PATIENCE) == "late"
     pool.shutdown(wait=True)
     assert pool.stuck == 0
+
+
+def test_a_call_that_waits_for_a_thread_gets_its_whole_limit_from_its_start() -> None:
+    """The clock's first check finds the call not started yet: it waits a full limit more."""
+
+    async def main() -> float:
+        loop = asyncio.get_running_loop()
+        begin = time.monotonic()
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(None) as scope:
+                clock = _Clock(loop, scope, 0.2)
+
+                def start() -> None:  # as a thread does once one is free
+                    clock.started = time.monotonic()
+
+                loop.call_later(0.3, start)
+                await asyncio.sleep(PATIENCE)
+        return time.monotonic() - begin
+
+    assert 0.5 - 0.02 <= asyncio.run(main()) < PATIENCE

@@ -37,12 +37,30 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     return factory
 
 
-def _arm(loop: asyncio.AbstractEventLoop, scope: asyncio.Timeout, deadline: float) -> None:
-    """Set ``scope`` to expire at ``deadline`` (``time.monotonic()``), unless its call already ended."""
-    try:
-        scope.reschedule(loop.time() + max(0.0, deadline - time.monotonic()))
-    except RuntimeError:  # the scope was exited: the call ended before its start was announced
-        pass
+class _Clock:
+    """A blocking call's timeout, counted from when a thread starts the call, not from its queueing.
+
+    The thread only stamps ``started`` (no loop wake-up per call). A timer set at submission
+    fires ``limit`` later, never before the real deadline; it expires the scope if the call
+    started ``limit`` ago, else sets itself again for the time left.
+    """
+
+    __slots__ = ("handle", "limit", "scope", "started")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, scope: asyncio.Timeout, limit: float) -> None:
+        self.scope = scope
+        self.limit = limit
+        self.started: float | None = None
+        self.handle = loop.call_later(limit, self._check)
+
+    def _check(self) -> None:
+        loop = asyncio.get_running_loop()
+        started = self.started
+        left = self.limit if started is None else started + self.limit - time.monotonic()
+        if started is not None and left <= 0:
+            self.scope.reschedule(loop.time())  # expire now
+        else:
+            self.handle = loop.call_later(left, self._check)
 
 
 def is_async_callable(fn: Callable[..., Any]) -> bool:
@@ -176,37 +194,30 @@ class AsyncGear(Gear):
             known = self._is_async[id(fn)] = is_async_callable(fn)
         return known
 
-    async def _call(
-        self, fn: Callable[[Any], Any], item: Any, token: CancelToken, scope: asyncio.Timeout | None
-    ) -> Any:
-        """Run a blocking ``fn`` in a thread; ``scope``, if given, is armed when it starts there."""
+    async def _call(self, fn: Callable[[Any], Any], item: Any, token: CancelToken, clock: _Clock | None) -> Any:
+        """Run a blocking ``fn`` in a thread (``clock``: its timeout, counted from its start there)."""
         assert self._pool is not None
-        loop = asyncio.get_running_loop()
         ctx = contextvars.copy_context()
-        future = self._pool.submit(ctx.run, self._in_thread, fn, item, token, None if scope is None else (loop, scope))
         try:
-            result = await asyncio.wrap_future(future, loop=loop)
-        except asyncio.CancelledError:
-            if not future.cancel() and not self._closing:  # it runs on: count its thread as stuck
-                self._pool.abandon(future)
-            raise
+            future = self._pool.submit(ctx.run, self._in_thread, fn, item, token, clock)
+            try:
+                result = await asyncio.wrap_future(future)
+            except asyncio.CancelledError:
+                if not future.cancel() and not self._closing:  # it runs on: count its thread as stuck
+                    self._pool.abandon(future)
+                raise
+        finally:
+            if clock is not None:
+                clock.handle.cancel()
         if inspect.isawaitable(result):  # a plain function that returned a coroutine
             result = await result
         return result
 
-    def _in_thread(
-        self,
-        fn: Callable[[Any], Any],
-        item: Any,
-        token: CancelToken,
-        clock: tuple[asyncio.AbstractEventLoop, asyncio.Timeout] | None,
-    ) -> Any:
+    def _in_thread(self, fn: Callable[[Any], Any], item: Any, token: CancelToken, clock: _Clock | None) -> Any:
         if token.cancelled:  # the run was cancelled while this call waited for a thread
             raise asyncio.CancelledError
         if clock is not None:
-            # The item starts now, not when it was queued for a thread: its deadline counts from here.
-            deadline = time.monotonic() + (self._spec.timeout or 0.0)
-            clock[0].call_soon_threadsafe(_arm, clock[0], clock[1], deadline)
+            clock.started = time.monotonic()  # the item starts now: its deadline counts from here
         with bind_token(token):
             return fn(item)
 
@@ -232,8 +243,9 @@ class AsyncGear(Gear):
                     if limit is None:
                         value = await self._call(fn, task.item, token, None)
                     else:
-                        async with asyncio.timeout(None) as scope:  # armed when fn starts in a thread
-                            value = await self._call(fn, task.item, token, scope)
+                        async with asyncio.timeout(None) as scope:  # see _Clock
+                            clock = _Clock(asyncio.get_running_loop(), scope, limit)
+                            value = await self._call(fn, task.item, token, clock)
         except asyncio.CancelledError as exc:
             if not self._cancelled(task, exc, start):
                 return
