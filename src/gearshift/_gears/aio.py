@@ -7,6 +7,9 @@ the same size, as ``asyncio.to_thread`` would, so they never stall the loop. Two
   whose tasks live in an ``asyncio.TaskGroup``: an error or cancellation ends them all;
 * bound to the caller's running loop (``gs.amap``): tasks run right there, so they can
   use the caller's loop-bound objects (an aiohttp session, say).
+
+Every item ends exactly once: a coroutine's own ``CancelledError`` (not the run's) fails it
+with ``gs.TaskCancelled``, and a blocking call's timeout counts from its start in a thread.
 """
 
 from __future__ import annotations
