@@ -6,6 +6,7 @@ the worker's exit code or signal, or the object that could not be pickled.
 
 from __future__ import annotations
 
+import reprlib
 import signal
 from dataclasses import dataclass
 from typing import Any
@@ -24,10 +25,33 @@ __all__ = [
 ]
 
 
+class _ShortRepr(reprlib.Repr):
+    """``reprlib``'s bounded repr, which also cuts bytes before it reprs them (a 256 MiB item
+    must not cost a gigabyte of text to be named in an error message)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.maxstring = self.maxother = self.maxlong = limit
+        self.maxlevel = 3
+
+    def repr_bytes(self, obj: bytes, level: int) -> str:
+        if len(obj) <= self.maxstring:
+            return repr(obj)
+        return f"{obj[: self.maxstring]!r}... ({len(obj):,} bytes)"
+
+    def repr_bytearray(self, obj: bytearray, level: int) -> str:
+        if len(obj) <= self.maxstring:
+            return repr(obj)
+        return f"bytearray({bytes(obj[: self.maxstring])!r}... ({len(obj):,} bytes))"
+
+    def repr_memoryview(self, obj: memoryview, level: int) -> str:
+        return f"<memoryview of {obj.nbytes:,} bytes, format {obj.format!r}>"
+
+
 def short_repr(obj: object, limit: int = 120) -> str:
     """A repr that never floods an error message (and never raises)."""
     try:
-        text = repr(obj)
+        text = _ShortRepr(limit).repr(obj)
     except Exception as exc:  # a broken __repr__ must not hide the real error
         text = f"<{type(obj).__name__} object (repr failed: {exc!r})>"
     return text if len(text) <= limit else text[: limit - 3] + "..."

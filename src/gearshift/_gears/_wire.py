@@ -2,7 +2,7 @@
 
 A message is pickled once. Buffers of ``OOB_MIN`` bytes or more (NumPy arrays and
 anything else that pickles through ``PickleBuffer``; ``bytes``, ``bytearray`` and
-``memoryview`` payloads) do not go through the pipe: they are written into one file
+``memoryview`` payloads; a memoryview arrives as its bytes) do not go through the pipe: they are written into one file
 in shared memory (``/dev/shm``) and the pipe carries a small envelope naming it. The
 receiver maps the file and unlinks it at once, so a buffer is copied once on each
 side instead of three times through the pipe, and NumPy arrays come back as views of
@@ -67,6 +67,7 @@ class _Pickled:
         self.move_bytes = move_bytes
         self.buffers: list[pickle.PickleBuffer] = []  # pickle's own (NEXT_BUFFER, in order)
         self.moved: list[pickle.PickleBuffer] = []  # big bytes moved out (persistent ids)
+        self.seen: dict[int, tuple[str, int]] = {}  # id of an object moved out -> its persistent id
 
     def buffer_callback(self, buf: pickle.PickleBuffer) -> bool:
         """False sends ``buf`` out of band: only when shared memory is on and it is big."""
@@ -77,14 +78,21 @@ class _Pickled:
 
     def persistent_id(self, obj: Any) -> Any:
         kind = type(obj)
-        if kind is bytes or kind is bytearray:
-            if len(obj) >= OOB_MIN:
-                self.moved.append(pickle.PickleBuffer(obj))
-                return ("b" if kind is bytes else "a", len(self.moved) - 1)
-        elif kind is memoryview and obj.nbytes >= OOB_MIN:
-            view = obj if obj.c_contiguous else memoryview(obj.tobytes()).cast(obj.format, obj.shape)
-            self.moved.append(pickle.PickleBuffer(view))
-            return ("m", len(self.moved) - 1, view.format, view.shape)
+        if kind is bytes or kind is bytearray or kind is memoryview:
+            size = obj.nbytes if kind is memoryview else len(obj)
+            if size < OOB_MIN:
+                return None
+            # One copy however often it is referenced (pickle's memo never sees these objects).
+            key = id(obj)
+            known = self.seen.get(key)
+            if known is not None:
+                return known
+            if kind is memoryview:  # as cloudpickle does below the threshold: it comes back as bytes
+                kind, obj = bytes, obj if obj.c_contiguous else obj.tobytes()
+            self.moved.append(pickle.PickleBuffer(obj))
+            pid = ("b" if kind is bytes else "a", len(self.moved) - 1)
+            self.seen[key] = pid
+            return pid
         return None
 
     def dump(self, obj: Any, pickler_cls: type[pickle.Pickler]) -> bytes:
@@ -102,6 +110,7 @@ class _Pickled:
             buf.release()
         self.buffers = []
         self.moved = []
+        self.seen = {}
 
 
 def _pickle(obj: Any, oob: bool, move_bytes: bool = False) -> tuple[bytes, _Pickled]:
@@ -120,7 +129,8 @@ def _has_big_bytes(values: list[Any]) -> bool:
         return False
     for value in values:
         for part in value if type(value) is tuple else (value,):
-            if type(part) in _BYTES and len(part) >= OOB_MIN:
+            kind = type(part)
+            if kind in _BYTES and (part.nbytes if kind is memoryview else len(part)) >= OOB_MIN:
                 return True
     return False
 
@@ -188,19 +198,24 @@ def _persistent_load(fd: int, moved: list[tuple[int, int]]) -> Any:
 
     A plain closure, not an Unpickler subclass: nothing here may sit in a reference cycle."""
 
+    loaded: dict[int, Any] = {}
+
     def load(pid: Any) -> Any:
-        at, n = moved[pid[1]]
+        index = pid[1]
+        if index in loaded:  # the same object, referenced again
+            return loaded[index]
+        at, n = moved[index]
         if pid[0] == "b":
-            return _pread(fd, n, at)
-        buf = bytearray(n)
-        got = 0
-        while got < n:
-            got += os.preadv(fd, [memoryview(buf)[got:]], at + got)
-        if pid[0] == "a":
-            return buf
-        if pid[0] == "m":
-            return memoryview(buf).cast(pid[2], pid[3])
-        raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+            obj: Any = _pread(fd, n, at)
+        elif pid[0] == "a":
+            obj = bytearray(n)
+            got = 0
+            while got < n:
+                got += os.preadv(fd, [memoryview(obj)[got:]], at + got)
+        else:
+            raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+        loaded[index] = obj
+        return obj
 
     return load
 

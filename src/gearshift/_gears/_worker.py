@@ -8,6 +8,8 @@ travel through shared memory beside the pipe):
                                                a failed item's value is its exception
                     ("bye", tasks_done)        leaving after max_tasks_per_worker
                     ("init_error", exc, tb)    the initializer raised
+                    ("load_error", exc, tb)    the batch could not be unpickled (an item)
+                    ("fn_error", exc, tb)      the function could not be unpickled
 Before each item the worker writes its start time, then ``batch_id << 20 | pos``, into
 its slots of two shared arrays, so the parent can tell which item a dead or
 overdue worker was running without a message per item.
@@ -121,7 +123,7 @@ def main(
         try:
             initializer(*initargs)
         except BaseException as exc:
-            conn.send_bytes(_pack_init_error(exc, parent))
+            conn.send_bytes(_pack_error("init_error", exc, parent))
             return
     conn.send_bytes(_wire.dumps(("ready",), parent)[0])
     fns: dict[int, Callable[[Any], Any]] = {}
@@ -133,14 +135,23 @@ def main(
             data = conn.recv_bytes()
         except (EOFError, OSError):
             return
-        msg = _wire.loads(data)
-        del data
+        try:
+            msg = _wire.loads(data)
+        except Exception as exc:  # an item that cannot be rebuilt here: the parent splits the batch
+            conn.send_bytes(_pack_error("load_error", exc, parent))
+            continue
+        finally:
+            del data
         if msg is None:
             return
         bid, key, fn_bytes, items = msg
         msg = None
         if fn_bytes is not None:
-            fns[key] = _wire.loads(fn_bytes)
+            try:
+                fns[key] = _wire.loads(fn_bytes)
+            except Exception as exc:  # not importable here: the parent sends it by value
+                conn.send_bytes(_pack_error("fn_error", exc, parent))
+                continue
         fn = fns[key]
         values: list[Any] = []
         append = values.append
@@ -171,9 +182,10 @@ def main(
             return
 
 
-def _pack_init_error(exc: BaseException, owner: int) -> bytes:
+def _pack_error(kind: str, exc: BaseException, owner: int) -> bytes:
+    """``(kind, exception, traceback)``: an initializer that raised, a message that would not load."""
     tb = "".join(traceback.format_exception(exc))
-    return _wire.dumps(("init_error", portable_exception(exc, tb), tb), owner)[0]
+    return _wire.dumps((kind, portable_exception(exc, tb), tb), owner)[0]
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -135,15 +135,18 @@ def _blas_threads(workers: int) -> int:
 
 @dataclass(eq=False)
 class _Proc:
-    wid: int
+    wid: int  # its slot in the shared arrays; a leaving worker's successor takes another
     process: BaseProcess
     conn: Connection
     sender: _Sender
     outstanding: deque[tuple[int, Batch, str | None]] = field(default_factory=deque)
     fn_keys: set[int] = field(default_factory=set)
+    fn_by_value: dict[int, bool] = field(default_factory=dict)  # how each function was last sent to it
     killed_for: tuple[int, int] | None = None  # (batch id, pos) of the item that timed out
     leaving: bool = False
     ready: bool = False  # started up (initializer done); a death before that blames no item
+    sent: int = 0  # items sent to it (max_tasks_per_worker counts them)
+    replaced: bool = False  # its successor started already (it said "bye")
 
 
 class ProcessGear(Gear):
@@ -168,7 +171,7 @@ class ProcessGear(Gear):
         self._procs: dict[int, _Proc] = {}
         self._pending: deque[tuple[int, Batch]] = deque()
         self._ready: list[Result] = []
-        self._fns: dict[int, tuple[int, Callable[..., Any], bytes]] = {}
+        self._fns: dict[int, _Fn] = {}
         self._owner = os.getpid()
         self._next_bid = 0
         self._spec = RunSpec()
@@ -192,18 +195,18 @@ class ProcessGear(Gear):
     def check(self, fn: Callable[..., Any]) -> None:
         self._fn_entry(fn)
 
-    def _fn_entry(self, fn: Callable[..., Any]) -> tuple[int, Callable[..., Any], bytes]:
+    def _fn_entry(self, fn: Callable[..., Any]) -> _Fn:
         entry = self._fns.get(id(fn))
-        if entry is None or entry[1] is not fn:
+        if entry is None or entry.fn is not fn:
             try:
-                payload = _fn_bytes(fn)
+                payload, by_value = _fn_bytes(fn)
             except Exception as exc:
                 raise UnpicklableError(
                     f"cannot send function {short_repr(fn)} to worker processes: {exc}. "
                     "Everything it uses (globals, closure variables, bound objects) must be picklable; "
                     "use gear='thread' to run it without pickling."
                 ) from exc
-            entry = (len(self._fns), fn, payload)
+            entry = _Fn(len(self._fns), fn, payload, by_value)
             self._fns[id(fn)] = entry
         return entry
 
@@ -227,8 +230,9 @@ class ProcessGear(Gear):
                 raise UnpicklableError(
                     f"cannot send initializer {short_repr(spec.initializer)} to worker processes: {exc}"
                 ) from exc
-        self._tags = self._ctx.RawArray("q", [-1] * self.workers)
-        self._starts = self._ctx.RawArray("d", self.workers)
+        # Twice the workers: a leaving worker and its successor run side by side for a moment.
+        self._tags = self._ctx.RawArray("q", [-1] * (2 * self.workers))
+        self._starts = self._ctx.RawArray("d", 2 * self.workers)
         self._wake_r, self._wake_w = self._ctx.Pipe(duplex=False)
         self._woken = False
         self._started = False
@@ -275,8 +279,7 @@ class ProcessGear(Gear):
     def submit(self, batch: Batch) -> None:
         if self._init_error is not None:
             raise self._init_error
-        self._pending.append((self._next_bid, batch))
-        self._next_bid += 1
+        self._pending.append((self._new_bid(), batch))
         self._dispatch()
 
     def _dispatch(self) -> None:
@@ -286,16 +289,28 @@ class ProcessGear(Gear):
         another worker sits idle.
         """
         prefetch = PREFETCH if self._batch_time < LONG_BATCH else 1
+        cap = self._spec.max_tasks_per_worker
         for depth in range(1, prefetch + 1):
             for proc in self._procs.values():
                 if not self._pending:
                     return
                 if len(proc.outstanding) < depth and not proc.leaving:
                     bid, batch = self._pending.popleft()
+                    if cap is not None:
+                        # A worker runs at most ``cap`` items: it gets no more than it has left.
+                        room = cap - proc.sent
+                        if room <= 0:
+                            self._pending.appendleft((bid, batch))
+                            continue
+                        if len(batch) > room:
+                            tasks = batch.tasks
+                            self._pending.appendleft((self._new_bid(), Batch(batch.fn, tasks[room:])))
+                            batch = Batch(batch.fn, tasks[:room])
                     self._send(proc, bid, batch)
 
     def _send(self, proc: _Proc, bid: int, batch: Batch) -> None:
-        key, _, fn_bytes = self._fn_entry(batch.fn)
+        entry = self._fn_entry(batch.fn)
+        key, fn_bytes = entry.key, entry.payload
         msg = (bid, key, None if key in proc.fn_keys else fn_bytes, batch.items)
         try:
             payload, path = _wire.dumps(msg, self._owner, batch.items)
@@ -306,8 +321,11 @@ class ProcessGear(Gear):
             msg = (bid, key, None if key in proc.fn_keys else fn_bytes, batch.items)
             payload, path = _wire.dumps(msg, self._owner, batch.items)
         proc.sender.send(payload)
-        proc.fn_keys.add(key)
+        if key not in proc.fn_keys:
+            proc.fn_keys.add(key)
+            proc.fn_by_value[key] = entry.by_value
         proc.outstanding.append((bid, batch, path))
+        proc.sent += len(batch)
 
     def _drop_unpicklable(self, batch: Batch) -> Batch:
         """Fail the items that cannot be pickled, each with pickle's own error naming it; keep the others."""
@@ -398,13 +416,53 @@ class ProcessGear(Gear):
                     value.__cause__ = RemoteTraceback(tb)
                 self._ready.append(Outcome(batch.task(pos), False, value, share, tb))
         elif kind == "bye":
+            # Leaving after max_tasks_per_worker: start its successor now, in a free slot,
+            # rather than after its exit (the fork server's start overlaps its way out).
             proc.leaving = True
+            if self._init_error is None and self._ctx is not None:
+                free = min(set(range(len(self._tags))) - set(self._procs))
+                proc.replaced = True
+                self._start(free, self._respawn_ctx)
+        elif kind in ("load_error", "fn_error"):
+            self._unloaded(proc, kind, msg[1], msg[2])
         elif kind == "init_error":
             _, exc, tb = msg
             error = InitializerError(f"initializer {short_repr(self._spec.initializer)} raised {exc!r}")
             exc.__cause__ = RemoteTraceback(tb)
             error.__cause__ = exc
             self._init_error = error
+
+    def _unloaded(self, proc: _Proc, kind: str, exc: BaseException, tb: str) -> None:
+        """The worker could not unpickle its head batch (an item) or the function.
+
+        A function sent by reference that the worker cannot import (defined under
+        ``if __name__ == "__main__":``, which a fork server's worker never runs) is sent
+        again by value. A batch whose items cannot be rebuilt is split, so that only the
+        item at fault fails, with the worker's own error.
+        """
+        _, batch, path = proc.outstanding.popleft()
+        _wire.unlink(path)
+        proc.sent -= len(batch)  # it ran none of them (max_tasks_per_worker counts what it ran)
+        entry = self._fn_entry(batch.fn)
+        proc.fn_keys.discard(entry.key)  # whatever the message held was lost with it
+        if tb:
+            exc.__cause__ = RemoteTraceback(tb)
+        if kind == "fn_error" and not proc.fn_by_value.get(entry.key, True):
+            if not entry.by_value:
+                entry.payload, entry.by_value = cloudpickle.dumps(batch.fn, protocol=5), True
+            self._pending.appendleft((self._new_bid(), batch))
+        elif kind == "load_error" and len(batch) > 1:
+            singles = [(self._new_bid(), Batch(batch.fn, [task])) for task in batch.tasks]
+            self._pending.extendleft(reversed(singles))
+        else:
+            what = "the function" if kind == "fn_error" else f"item #{batch.task(0).index}"
+            exc.add_note(f"gearshift: {what} could not be unpickled in the worker process")
+            for pos in range(len(batch)):
+                self._ready.append(Outcome(batch.task(pos), False, exc, 0.0, tb))
+
+    def _new_bid(self) -> int:
+        self._next_bid += 1
+        return self._next_bid - 1
 
     def _buried(self, proc: _Proc) -> None:
         """A worker exited: blame the item it held (if it crashed), re-run the rest, replace it."""
@@ -414,7 +472,7 @@ class ProcessGear(Gear):
         proc.sender.stop()
         proc.sender.join()  # before the pipe closes: its fd number must not be reused under the sender
         proc.conn.close()
-        del self._procs[proc.wid]
+        del self._procs[proc.wid]  # (keyed by slot)
         for _, _, path in proc.outstanding:
             _wire.unlink(path)
         if proc.process.pid is not None:
@@ -462,7 +520,7 @@ class ProcessGear(Gear):
                 requeue.append((bid, Batch(batch.fn, rest)))
         requeue.extend(outstanding)
         self._pending.extendleft(reversed(requeue))
-        if self._init_error is None and self._ctx is not None:
+        if self._init_error is None and self._ctx is not None and not proc.replaced:
             self._start(proc.wid, self._respawn_ctx)
 
     def _check_deadlines(self) -> float | None:
@@ -535,15 +593,26 @@ class ProcessGear(Gear):
         return f"{super().describe()} ({method})"
 
 
-def _fn_bytes(fn: Callable[..., Any]) -> bytes:
-    """By reference when a worker can import it (a module, or ``__main__`` run from a file,
-    which spawn and forkserver re-import); by value with cloudpickle otherwise."""
+@dataclass(eq=False)
+class _Fn:
+    """A function as the workers get it: its key in their tables and its pickled form."""
+
+    key: int
+    fn: Callable[..., Any]
+    payload: bytes
+    by_value: bool
+
+
+def _fn_bytes(fn: Callable[..., Any]) -> tuple[bytes, bool]:
+    """(payload, by value?): by reference when a worker can import it (a module, or ``__main__``
+    run from a file, which spawn and forkserver re-import); by value with cloudpickle otherwise
+    (and later, should a worker fail to import it after all)."""
     main = sys.modules.get("__main__")
     if getattr(fn, "__module__", None) != "__main__" or getattr(main, "__file__", None):
         try:
-            return pickle.dumps(fn, protocol=5)  # lambdas and closures fail here
+            return pickle.dumps(fn, protocol=5), False  # lambdas and closures fail here
         except Exception:
             pass
     payload: bytes = cloudpickle.dumps(fn, protocol=5)
-    return payload
+    return payload, True
 
