@@ -280,9 +280,11 @@ def test_blas_threads_are_capped_per_worker() -> None:
 
 
 def test_functions_go_by_reference_when_importable() -> None:
-    assert pickle.loads(_fn_bytes(fl.double)) is fl.double
-    assert len(_fn_bytes(fl.double)) < 100  # a reference, not the code
-    assert pickle.loads(_fn_bytes(lambda x: x + 1))(1) == 2  # by value
+    payload, by_value = _fn_bytes(fl.double)
+    assert pickle.loads(payload) is fl.double and not by_value
+    assert len(payload) < 100  # a reference, not the code
+    payload, by_value = _fn_bytes(lambda x: x + 1)
+    assert pickle.loads(payload)(1) == 2 and by_value
 
 
 # -- the wire format itself --------------------------------------------------------------------

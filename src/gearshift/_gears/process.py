@@ -221,7 +221,9 @@ class ProcessGear(Gear):
         # Replacements never fork the parent, which may be running user code in threads by then.
         self._respawn_ctx = mp.get_context("forkserver") if method == "fork" else self._ctx
         if self._respawn_ctx.get_start_method() == "forkserver":
-            self._respawn_ctx.set_forkserver_preload(["gearshift._gears._worker"])
+            # "__main__": the server imports the main module once, and its workers inherit it
+            # (else each new worker would import it again: the whole program's imports, each time).
+            self._respawn_ctx.set_forkserver_preload(["__main__", "gearshift._gears._worker"])
         self._init_bytes = None
         if spec.initializer is not None:
             try:
