@@ -21,6 +21,7 @@ import itertools
 import mmap
 import os
 import pickle
+import threading
 from typing import Any
 
 #: Buffers at least this large travel through shared memory; smaller ones stay in the pipe.
@@ -40,16 +41,26 @@ _enabled = os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK)
 class Envelope:
     """What crosses the pipe when some of a message's buffers went to shared memory."""
 
-    __slots__ = ("data", "layout", "path", "protocol5")
+    __slots__ = ("data", "keep", "layout", "path", "protocol5")
 
-    def __init__(self, data: bytes, path: str, layout: list[tuple[int, int]], protocol5: int) -> None:
+    def __init__(self, data: bytes, path: str, layout: list[tuple[int, int]], protocol5: int, keep: bool) -> None:
         self.data = data
         self.path = path
         self.layout = layout  # (offset, length) of each out-of-band buffer in the file
         self.protocol5 = protocol5  # the first this many are pickle's own; the rest are bytes moved out
+        self.keep = keep  # the sender reuses the file: the receiver reads it and leaves it
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (Envelope, (self.data, self.path, self.layout, self.protocol5))
+        return (Envelope, (self.data, self.path, self.layout, self.protocol5, self.keep))
+
+
+#: Files a sender may write again once their reader is done (``release``), instead of making
+#: new ones: a fresh tmpfs file costs its pages' allocation (about 4x the copy itself).
+SPARE_FILES = 8
+SPARE_BYTES = 256 * 1024 * 1024
+_spares: dict[str, int] = {}  # free files and their sizes
+_lent: set[str] = set()  # reusable files a reader has not finished with yet
+_spare_lock = threading.Lock()
 
 
 def _cloudpickler() -> type[pickle.Pickler]:
@@ -138,7 +149,7 @@ def _has_big_bytes(values: list[Any]) -> bool:
 _BYTES = (bytes, bytearray, memoryview)
 
 
-def dumps(obj: Any, owner: int, big: list[Any] | None = None) -> tuple[bytes, str | None]:
+def dumps(obj: Any, owner: int, big: list[Any] | None = None, reusable: bool = False) -> tuple[bytes, str | None]:
     """Pickle ``obj`` for the pipe; big buffers go to a shared-memory file named for ``owner``.
 
     Returns the bytes for the pipe and the shared-memory file's path (None when there is
@@ -146,7 +157,9 @@ def dumps(obj: Any, owner: int, big: list[Any] | None = None) -> tuple[bytes, st
     list of items or results in the message: a quick look at it finds big bytes without
     pickling twice; a large message is pickled again to move out bytes the look missed
     (unless it is many small items). Falls back to the pipe when shared memory is
-    unavailable or full.
+    unavailable or full. ``reusable``: the sender will ``release`` the file once the
+    reader is done with it, so it may be written again (only when the reader copies
+    everything out of it: never under NumPy arrays, which stay mapped).
     """
     if _enabled and big is not None and _has_big_bytes(big):
         data, pickled = _pickle(obj, True, move_bytes=True)
@@ -160,27 +173,37 @@ def dumps(obj: Any, owner: int, big: list[Any] | None = None) -> tuple[bytes, st
     protocol5 = len(pickled.buffers)
     if not buffers:
         return data, None
+    keep = reusable and not protocol5
     try:
-        path, layout = _write(buffers, owner)
+        path, layout = _write(buffers, owner, keep)
     except OSError:  # /dev/shm full or gone: through the pipe
         return _pickle(obj, False)[0], None
     finally:
         del buffers
         pickled.release()
-    return pickle.dumps(Envelope(data, path, layout, protocol5), protocol=5), path
+    return pickle.dumps(Envelope(data, path, layout, protocol5, keep), protocol=5), path
 
 
-def _write(buffers: list[pickle.PickleBuffer], owner: int) -> tuple[str, list[tuple[int, int]]]:
+def _write(buffers: list[pickle.PickleBuffer], owner: int, keep: bool) -> tuple[str, list[tuple[int, int]]]:
     views = [buf.raw() for buf in buffers]
     layout: list[tuple[int, int]] = []
     offset = 0
     for view in views:
         layout.append((offset, view.nbytes))
         offset = (offset + view.nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
-    path = os.path.join(SHM_DIR, f"{PREFIX}{owner}-{os.getpid()}-{next(_counter)}")
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    spare = _take_spare(offset, owner) if keep else None
+    if spare is not None:
+        path = spare
+        fd = os.open(path, os.O_RDWR)
+    else:
+        path = os.path.join(SHM_DIR, f"{PREFIX}{owner}-{os.getpid()}-{next(_counter)}")
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    if keep:
+        with _spare_lock:
+            _lent.add(path)
     try:
-        os.ftruncate(fd, max(offset, 1))
+        if os.fstat(fd).st_size < offset or spare is None:
+            os.ftruncate(fd, max(offset, 1))
         for (at, _), view in zip(layout, views, strict=True):
             done = 0
             while done < view.nbytes:
@@ -241,7 +264,8 @@ def loads(data: bytes) -> Any:
         return obj
     fd = os.open(obj.path, os.O_RDONLY)
     try:
-        unlink(obj.path)
+        if not obj.keep:
+            unlink(obj.path)
         views: list[memoryview] = []
         if obj.protocol5:
             end = max(at + n for at, n in obj.layout[: obj.protocol5])
@@ -255,10 +279,53 @@ def loads(data: bytes) -> Any:
         os.close(fd)
 
 
+def _take_spare(size: int, owner: int) -> str | None:
+    """A free file of this owner's to write again (the smallest that holds ``size``, else any)."""
+    mine = f"{PREFIX}{owner}-"
+    with _spare_lock:
+        fits = [p for p, n in _spares.items() if os.path.basename(p).startswith(mine)]
+        if not fits:
+            return None
+        best = min(fits, key=lambda p: (_spares[p] < size, _spares[p]))
+        _spares.pop(best)
+    return best
+
+
+def release(path: str | None) -> None:
+    """The reader is done with ``path``: keep it for reuse if it was lent (``reusable``), else unlink."""
+    if path is None:
+        return
+    with _spare_lock:
+        if path in _lent:
+            _lent.discard(path)
+            try:
+                size = os.stat(path).st_size
+            except OSError:
+                return
+            if len(_spares) < SPARE_FILES and sum(_spares.values()) + size <= SPARE_BYTES:
+                _spares[path] = size
+                return
+    unlink(path)
+
+
+def drop_spares(owner: int) -> None:
+    """Unlink the free files of ``owner``'s (a gear closing)."""
+    mine = f"{PREFIX}{owner}-"
+    with _spare_lock:
+        paths = [p for p in _spares if os.path.basename(p).startswith(mine)]
+        for p in paths:
+            _spares.pop(p)
+    for p in paths:
+        unlink(p)
+
+
 def unlink(path: str | None) -> None:
     """Remove a shared-memory file (gone already is fine)."""
     if path is None:
         return
+    with _spare_lock:
+        _lent.discard(path)
+        _spares.pop(path, None)
     try:
         os.unlink(path)
     except FileNotFoundError:

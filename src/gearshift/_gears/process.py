@@ -315,13 +315,13 @@ class ProcessGear(Gear):
         key, fn_bytes = entry.key, entry.payload
         msg = (bid, key, None if key in proc.fn_keys else fn_bytes, batch.items)
         try:
-            payload, path = _wire.dumps(msg, self._owner, batch.items)
+            payload, path = _wire.dumps(msg, self._owner, batch.items, reusable=True)
         except Exception:
             batch = self._drop_unpicklable(batch)
             if not batch.items:
                 return
             msg = (bid, key, None if key in proc.fn_keys else fn_bytes, batch.items)
-            payload, path = _wire.dumps(msg, self._owner, batch.items)
+            payload, path = _wire.dumps(msg, self._owner, batch.items, reusable=True)
         proc.sender.send(payload)
         if key not in proc.fn_keys:
             proc.fn_keys.add(key)
@@ -404,7 +404,7 @@ class ProcessGear(Gear):
             self._batch_time = elapsed if not self._batch_time else 0.7 * self._batch_time + 0.3 * elapsed
             head_bid, batch, path = proc.outstanding.popleft()
             assert head_bid == bid, (head_bid, bid)
-            _wire.unlink(path)  # read by the worker already, unless it died first
+            _wire.release(path)  # the worker has read it: the file may carry another batch
             if not failures:
                 self._ready.append(Done(batch, 0, values, elapsed))
                 return
@@ -580,6 +580,7 @@ class ProcessGear(Gear):
             if proc.process.pid is not None:
                 _wire.sweep(self._owner, proc.process.pid)
             proc.process.close()
+        _wire.drop_spares(self._owner)
         for end in (self._wake_r, self._wake_w):
             if end is not None:
                 end.close()
