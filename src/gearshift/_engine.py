@@ -459,7 +459,9 @@ class Scheduler:
                 if chunk < 1:
                     self._rate_wait = limiter.wait_time(now)
                     break
-            source.capacity = max(window, chunk)
+            # One batch read ahead keeps the gear fed (it refills while the window runs); more
+            # would only let the input run further ahead of the results.
+            source.capacity = chunk
             # A short batch is worth sending only while the gear runs low; otherwise wait for a full one.
             items = source.take(chunk, partial_ok=self._outstanding < max(1, window // 2))
             n = len(items)
