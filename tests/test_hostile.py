@@ -207,7 +207,6 @@ def test_worker_crashed_on_a_big_item_does_not_repr_it_whole() -> None:
 
 # -- odd exceptions --------------------------------------------------------------------------------
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=False, reason="_portable: a group holding a two-argument exception becomes RemoteError")
 def test_exception_group_with_a_two_argument_member_comes_back_as_a_group() -> None:
     (failure,) = gs.map(raise_group, [0], gear="process", workers=1, errors="collect")
     assert isinstance(failure.exception, ExceptionGroup)

@@ -57,6 +57,14 @@ def portable_exception(exc: BaseException, tb: str) -> BaseException:
     """
     if _plain_builtin(exc):
         return exc
+    if isinstance(exc, BaseExceptionGroup):
+        # Each member gets its own chance: one odd member must not turn the group into a RemoteError.
+        members = [portable_exception(member, "") for member in exc.exceptions]
+        if any(m is not e for m, e in zip(members, exc.exceptions, strict=True)):
+            group = exc.derive(members)
+            if hasattr(exc, "__notes__"):
+                group.__notes__ = list(exc.__notes__)
+            exc = group
     reason = ""
     for dumps in _DUMPERS:
         reason = _round_trip_error(exc, dumps)
