@@ -33,15 +33,17 @@ from gearshift._portable import portable_exception, portable_value
 POS_BITS = 20
 
 
-def _watch_parent(parent: int) -> None:
+def _watch_parent(parent: int, adopted: bool = False) -> None:
     """Leave when the parent is gone, even in the middle of a long task: no orphans.
 
     ``parent`` is the process that owns the pool; under forkserver it is not our ppid.
+    ``adopted``: forked by the process gear's zygote, whose death (someone killed it) must not
+    end us: the owner still drives us, and we leave when the owner is gone.
     """
     ppid = os.getppid()
     while True:
         time.sleep(0.5)
-        if os.getppid() != ppid or not _alive(parent):
+        if (not adopted and os.getppid() != ppid) or not _alive(parent):
             _wire.sweep(parent)  # what the dead parent sent or would have read
             os._exit(1)
 
@@ -109,12 +111,13 @@ def main(
     max_tasks: int | None,
     timed: bool = False,
     blas_threads: int | None = None,
+    adopted: bool = False,
 ) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     # SIGTERM is how the parent stops us: a handler inherited through fork (the engine's, which
     # raises SystemExit, or the program's own) would turn it into a failed item and cost a 1 s grace.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="gearshift-watch").start()
+    threading.Thread(target=_watch_parent, args=(parent, adopted), daemon=True, name="gearshift-watch").start()
     from gearshift._task import run_coroutine  # after fork, so a forkserver preload stays light
 
     _limit_blas(blas_threads)

@@ -16,8 +16,11 @@ write from the caller would deadlock against a worker blocked writing its result
 
 Fork safety: with the fork start method, the first workers are forked in ``open``,
 before any thread of gearshift's runs user code; every later worker (a replacement
-after a crash, a timeout or ``max_tasks_per_worker``) comes from a fork server, never
-from forking the busy parent, whose threads may hold locks the child would inherit taken.
+after a crash, a timeout or ``max_tasks_per_worker``) is forked by the zygote (``_zygote``),
+a single-threaded process forked at that same moment, never by the busy parent, whose
+threads may hold locks the child would inherit taken. Its children start as the parent
+was at ``open``, modules imported, at the speed of a fork; should it die, a fork server
+stands in (each of its workers imports the function's module again).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from typing import Any
 
 import cloudpickle
 
-from gearshift._gears import _wire, _worker
+from gearshift._gears import _wire, _worker, _zygote
 from gearshift._gears._base import Gear, cpu_count
 from gearshift._portable import unpicklable_item
 from gearshift._task import Batch, Done, Outcome, Result, RunSpec, Task
@@ -136,7 +139,7 @@ def _blas_threads(workers: int) -> int:
 @dataclass(eq=False)
 class _Proc:
     wid: int  # its slot in the shared arrays; a leaving worker's successor takes another
-    process: BaseProcess
+    process: BaseProcess | _zygote.Child
     conn: Connection
     sender: _Sender
     outstanding: deque[tuple[int, Batch, str | None]] = field(default_factory=deque)
@@ -168,6 +171,7 @@ class ProcessGear(Gear):
         self.blas_threads = blas_threads
         self._ctx: BaseContext | None = None
         self._respawn_ctx: BaseContext | None = None
+        self._zygote: _zygote.Zygote | None = None
         self._procs: dict[int, _Proc] = {}
         self._pending: deque[tuple[int, Batch]] = deque()
         self._ready: list[Result] = []
@@ -248,35 +252,80 @@ class ProcessGear(Gear):
         """Start every worker at once, in ``open``: before any thread of ours runs user code."""
         self._started = True
         for wid in range(self.workers):
-            self._start(wid, self._ctx, sender=False)
+            self._start(wid, first=True)
+        self._start_zygote()
         for proc in self._procs.values():  # threads only once every fork is done
             proc.sender.start()
 
-    def _start(self, wid: int, ctx: BaseContext | None, sender: bool = True) -> None:
+    def _start_zygote(self) -> None:
+        """Fork the zygote beside the first workers; if that fails, the fork server stands in."""
+        assert self._ctx is not None
+        if self._ctx.get_start_method() != "fork":
+            return
+        drop = [proc.conn for proc in self._procs.values()]  # (the zygote closes its copies)
+        drop += [end for end in (self._wake_r, self._wake_w) if end is not None]
+        try:
+            self._zygote = _zygote.Zygote(self._ctx, drop, self._worker_args())
+        except OSError:
+            self._zygote = None
+
+    def _worker_args(self) -> dict[str, Any]:
+        """What ``_worker.main`` takes besides its connection and slot."""
+        return {
+            "tags": self._tags,
+            "starts": self._starts,
+            "parent": os.getpid(),
+            "init": self._init_bytes,
+            "max_tasks": self._spec.max_tasks_per_worker,
+            "timed": self._spec.timeout is not None,
+            "blas_threads": _blas_threads(self.workers) if self.blas_threads == "auto" else self.blas_threads,
+        }
+
+    def _start(self, wid: int, first: bool = False) -> None:
+        """Start a worker in slot ``wid``: forked now (``first``, in ``open`` only), else a replacement."""
+        self._tags[wid] = -1
+        launched = None if first else self._from_zygote(wid)
+        if launched is None:
+            launched = self._launch(wid, self._ctx if first else self._respawn_ctx)
+        parent_end, process = launched
+        self._procs[wid] = _Proc(wid, process, parent_end, _Sender(parent_end, f"gearshift-sender-{wid}"))
+        if not first:
+            self._procs[wid].sender.start()
+
+    def _launch(self, wid: int, ctx: BaseContext | None) -> tuple[Connection, BaseProcess | _zygote.Child]:
         assert ctx is not None
-        blas = _blas_threads(self.workers) if self.blas_threads == "auto" else self.blas_threads
         parent_end, child_end = ctx.Pipe(duplex=True)
         process = ctx.Process(  # type: ignore[attr-defined]
             target=_worker.main,
-            args=(
-                child_end,
-                self._tags,
-                self._starts,
-                wid,
-                os.getpid(),
-                self._init_bytes,
-                self._spec.max_tasks_per_worker,
-                self._spec.timeout is not None,
-                blas,
-            ),
+            args=(child_end,),
+            kwargs={"wid": wid, **self._worker_args()},
             name=f"gearshift-process-{wid}",
         )
-        self._tags[wid] = -1
-        process.start()
-        child_end.close()
-        self._procs[wid] = _Proc(wid, process, parent_end, _Sender(parent_end, f"gearshift-sender-{wid}"))
-        if sender:
-            self._procs[wid].sender.start()
+        try:
+            process.start()
+        finally:
+            child_end.close()
+        return parent_end, process
+
+    def _from_zygote(self, wid: int) -> tuple[Connection, BaseProcess | _zygote.Child] | None:
+        """A replacement forked by the zygote; None if there is none (or it failed: it is given up)."""
+        zygote = self._zygote
+        if zygote is None or not zygote.alive:
+            return None
+        parent_end, child_end = mp.Pipe(duplex=True)
+        life_r, life_w = os.pipe()  # the child holds the write end: EOF is its death
+        pid: int | None = None
+        try:
+            pid = zygote.spawn(wid, child_end.fileno(), life_w)
+        finally:
+            child_end.close()
+            os.close(life_w)
+            if pid is None:  # (Ctrl-C included)
+                parent_end.close()
+                os.close(life_r)
+        if pid is None:
+            return None
+        return parent_end, _zygote.Child(zygote, pid, life_r)
 
     def submit(self, batch: Batch) -> None:
         if self._init_error is not None:
@@ -421,10 +470,11 @@ class ProcessGear(Gear):
             # Leaving after max_tasks_per_worker: start its successor now, in a free slot,
             # rather than after its exit (the fork server's start overlaps its way out).
             proc.leaving = True
-            if self._init_error is None and self._ctx is not None:
-                free = min(set(range(len(self._tags))) - set(self._procs))
+            free = set(range(len(self._tags))) - set(self._procs)
+            # (No free slot: earlier leavers are not buried yet. It is replaced at its exit.)
+            if self._init_error is None and self._ctx is not None and free:
                 proc.replaced = True
-                self._start(free, self._respawn_ctx)
+                self._start(min(free))
         elif kind in ("load_error", "fn_error"):
             self._unloaded(proc, kind, msg[1], msg[2])
         elif kind == "init_error":
@@ -523,7 +573,7 @@ class ProcessGear(Gear):
         requeue.extend(outstanding)
         self._pending.extendleft(reversed(requeue))
         if self._init_error is None and self._ctx is not None and not proc.replaced:
-            self._start(proc.wid, self._respawn_ctx)
+            self._start(proc.wid)
 
     def _check_deadlines(self) -> float | None:
         """Kill workers whose current item is overdue; return seconds to the next deadline."""
@@ -580,6 +630,9 @@ class ProcessGear(Gear):
             if proc.process.pid is not None:
                 _wire.sweep(self._owner, proc.process.pid)
             proc.process.close()
+        if self._zygote is not None:  # after the workers: it kills any child still alive
+            self._zygote.stop(TERMINATE_GRACE)
+            self._zygote = None
         _wire.drop_spares(self._owner)
         for end in (self._wake_r, self._wake_w):
             if end is not None:
