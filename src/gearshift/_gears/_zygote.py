@@ -341,7 +341,8 @@ class Child:
         if not self._gone and self._release.alive:
             self._gone = bool(wait([self.sentinel], timeout))
         if self._gone and self.exitcode is None and self.pid is not None:
-            self._code = self._zygote.exitcode(self.pid, REPORT_PATIENCE if timeout is None else timeout)
+            # It is gone: the report is a moment away, unless the zygote is gone too (no wait then).
+            self._code = self._zygote.exitcode(self.pid, max(timeout or 0.0, REPORT_PATIENCE))
 
     def kill(self) -> None:
         self._signal(signal.SIGKILL)
