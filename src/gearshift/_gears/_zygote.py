@@ -61,9 +61,6 @@ def main(control: Connection, owner: int, drop: list[Connection], worker_args: d
         pass
     for conn in drop:  # the owner's ends, copied by the fork: EOF must reach their peers
         conn.close()
-    # BLAS limits set once here are inherited by every child (threadpoolctl: ~12 ms a worker).
-    _worker._limit_blas(worker_args.get("blas_threads"))
-    worker_args = {**worker_args, "blas_threads": None}
     sock = socket.fromfd(control.fileno(), socket.AF_UNIX, socket.SOCK_STREAM)
     zygote = _Zygote(control, sock, owner, worker_args)
     stopped = False
@@ -85,6 +82,7 @@ class _Zygote:
         self.pipes: dict[int, int] = {}  # live child's pid -> read end of its reap pipe
         self.children: set[int] = set()  # not reaped yet
         self.closed_at = 0.0  # when a reap pipe last closed (its child is about to be reapable)
+        self.blas_limited = False
 
     def serve(self) -> bool:
         """True when the owner said stop; False when it is gone."""
@@ -125,6 +123,12 @@ class _Zygote:
 
     def fork(self, conn_fd: int, wid: int) -> int | None:
         """The new child's pid; None if the system refused (out of fds or processes)."""
+        if not self.blas_limited:
+            # Once, here, before the first fork (a run that never replaces a worker never pays):
+            # every child inherits the limits (threadpoolctl costs ~12 ms a worker).
+            self.blas_limited = True
+            _worker._limit_blas(self.worker_args.get("blas_threads"))
+            self.worker_args = {**self.worker_args, "blas_threads": None}
         try:
             reap_r, reap_w = os.pipe()  # at EOF when the child is gone: time to reap it
         except OSError:
