@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import closing
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,14 @@ def locked(bad: frozenset[int], n: int, x: int) -> int:
     return total + x
 
 
+def park_until_go(folder: str, x: int) -> int:
+    """Item 3 leaves its pid in ``folder`` and waits for ``folder/go``."""
+    if x == 3:
+        fl.write_atomic(Path(folder) / "3.pid", str(os.getpid()))
+        fl.wait_for(lambda: (Path(folder) / "go").exists(), 60, "the go file")
+    return 2 * x
+
+
 def _zygote_pid(gear: gs.ProcessGear) -> int:
     zygote = gear._zygote
     assert zygote is not None and zygote.alive, "no zygote under the fork start method"
@@ -75,10 +84,11 @@ def _zygote_pid(gear: gs.ProcessGear) -> int:
 def _run_watching(gear: gs.ProcessGear, fn: Any, items: range, **options: Any) -> tuple[list[Any], int]:
     """Run ``fn`` lazily through ``gear``; (results, the zygote's pid read mid-run)."""
     it = gs.imap(fn, items, gear=gear, errors="collect", chunksize=1, **options)
-    first = next(it)
-    zygote = _zygote_pid(gear)
-    assert "forkserver" not in " ".join(psutil.Process(zygote).cmdline())
-    return [first, *it], zygote
+    with closing(it):  # (a failed assertion must not leave the run open)
+        first = next(it)
+        zygote = _zygote_pid(gear)
+        assert "forkserver" not in " ".join(psutil.Process(zygote).cmdline())
+        return [first, *it], zygote
 
 
 @pytest.mark.timeout(60)
@@ -150,12 +160,38 @@ def test_the_run_finishes_when_the_zygote_is_killed() -> None:
     """Its children finish their items (the owner drives them); later ones come from the fork server."""
     gear = gs.ProcessGear(2)
     it = gs.imap(helpers.square, range(24), gear=gear, max_tasks_per_worker=1, chunksize=1)
-    out = [next(it) for _ in range(6)]
-    zygote = _zygote_pid(gear)
-    os.kill(zygote, signal.SIGKILL)
-    out += list(it)
+    with closing(it):
+        out = [next(it) for _ in range(6)]
+        zygote = _zygote_pid(gear)
+        os.kill(zygote, signal.SIGKILL)
+        out += list(it)
     assert out == [x * x for x in range(24)]
     assert not psutil.pid_exists(zygote) or psutil.Process(zygote).status() == psutil.STATUS_ZOMBIE
+
+
+@pytest.mark.timeout(90)
+def test_a_killed_zygotes_children_finish_their_items(tmp_path: Path) -> None:
+    """The owner, not the zygote, decides when they leave: its death fails no innocent item."""
+    gear = gs.ProcessGear(2)
+    results: list[Any] = []
+    fn = partial(park_until_go, str(tmp_path))
+    run = threading.Thread(  # drives the run (and the gear) while this thread kills the zygote
+        target=lambda: results.extend(gs.map(fn, range(6), gear=gear, max_tasks_per_worker=1, chunksize=1))
+    )
+    run.start()
+    try:
+        (parked,) = fl.pids_in(tmp_path, 1)
+        worker = psutil.Process(parked)
+        zygote = worker.ppid()
+        assert zygote != os.getpid() and psutil.Process(zygote).ppid() == os.getpid()  # not a first worker
+        os.kill(zygote, signal.SIGKILL)
+        fl.wait_for(lambda: worker.ppid() != zygote, 10, "the parked worker to be re-parented")
+        time.sleep(1.5)  # three watchdog periods: a worker that followed its dead parent would be gone
+        assert worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE
+    finally:
+        (tmp_path / "go").touch()
+        run.join(60)
+    assert results == [2 * x for x in range(6)]
 
 
 PARKED = """
@@ -231,9 +267,10 @@ def test_replacements_start_while_the_parent_holds_a_module_lock() -> None:
     """A replacement forked from the parent now would inherit ``_lock`` taken, and hang."""
     bad = frozenset({3, 6})
     it = gs.imap(partial(locked, bad, 20_000), range(10), gear="process", workers=2, chunksize=1, errors="collect")
-    out = [next(it)]
-    with _lock:  # held by the parent from here to the end of the run
-        out += list(it)
+    with closing(it):
+        out = [next(it)]  # (the run opens here: its workers and zygote are forked now)
+        with _lock:  # held by the parent from here to the end of the run
+            out += list(it)
     for x, value in enumerate(out):
         if x in bad:
             assert isinstance(value, gs.Failure) and isinstance(value.exception, WorkerCrashed), value
