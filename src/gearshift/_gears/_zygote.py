@@ -74,6 +74,8 @@ def main(control: Connection, owner: int, drop: list[Connection], worker_args: d
 
 
 class _Zygote:
+    """The zygote's loop and its children (it is single-threaded: a fork of it is as safe as at ``open``)."""
+
     def __init__(self, control: Connection, sock: socket.socket, owner: int, worker_args: dict[str, Any]) -> None:
         self.control = control
         self.sock = sock
