@@ -24,7 +24,8 @@ Fork safety: a probe thread runs the user's function, which may hold a lock (a m
 ``threading.Lock``) at any moment; a worker forked then would inherit it taken, forever.
 So where processes start by fork and are a candidate at all, their workers are forked in
 ``open``, before any probe runs, and wait; a shift to processes uses them (the gear's own
-replacements come from a fork server). A run that never shifts to processes stops them.
+replacements come from its zygote, forked at that same moment). A run that never shifts to
+processes stops them.
 
 The choice and its reasons go to the run's ``Report`` (passed in ``RunSpec.extra["report"]``)
 and to the ``gearshift`` logger.
