@@ -279,7 +279,7 @@ def test_process_workers_leave_promptly_when_forked_under_the_executor_lock() ->
     gear SIGKILLs it after a 5 s grace. Deterministic: hold the lock while a crashed worker is replaced."""
     ex = gs.Executor("process", workers=2)
     crashed = ex.submit(exit_on, 2)
-    with ex._lock:  # the replacement worker is forked before `crashed` is settled
+    with ex._core.lock:  # the replacement worker is forked before `crashed` is settled
         assert isinstance(crashed.exception(timeout=PATIENCE), gs.WorkerCrashed)
     assert ex.submit(square, 3).result(timeout=PATIENCE) == 9
     start = time.monotonic()

@@ -28,7 +28,7 @@ from gearshift.errors import (
     UnpicklableError,
     WorkerCrashed,
 )
-from gearshift.executor import Executor
+from gearshift.executor import BrokenExecutor, Executor
 from gearshift.pool import AsyncResult, Pool
 
 __version__ = "0.1.0"
@@ -38,6 +38,7 @@ __all__ = [
     "AutoGear",
     "AsyncGear",
     "AsyncResult",
+    "BrokenExecutor",
     "CancelToken",
     "Executor",
     "Failure",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
@@ -102,6 +103,55 @@ class _Gathered(Future[Any]):
             self.set_result([f.result() for f in self._futures])
 
 
+def _cancel_all(inflight: deque[Future[Any]]) -> None:
+    for future in inflight:
+        future.cancel()
+
+
+class _IMapIterator(Iterator[Any]):
+    """``Pool.imap``'s results: lazily, at most ``window`` chunks in flight.
+
+    As multiprocessing's, it goes on after an error: ``next()`` raises the failed chunk's
+    error once, and the next call returns the following results. Chunks still in flight
+    when it is dropped are cancelled.
+    """
+
+    def __init__(
+        self, executor: Executor, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int, window: int,
+        ordered: bool,
+    ) -> None:
+        self._executor = executor
+        self._runner = chunk_runner(func)
+        self._args = ((item,) for item in iterable)
+        self._chunksize = chunksize
+        self._window = window
+        self._ordered = ordered
+        self._inflight: deque[Future[Any]] = deque()
+        self._ready: deque[Any] = deque()
+        self._finalizer = weakref.finalize(self, _cancel_all, self._inflight)
+
+    def __next__(self) -> Any:
+        while not self._ready:
+            self._fill()
+            if not self._inflight:
+                self._finalizer()
+                raise StopIteration
+            self._ready.extend(self._take().result())  # a failed chunk raises here, and is gone
+        return self._ready.popleft()
+
+    def _fill(self) -> None:
+        while len(self._inflight) < self._window and (chunk := list(itertools.islice(self._args, self._chunksize))):
+            self._inflight.append(self._executor.submit(self._runner, chunk))
+
+    def _take(self) -> Future[Any]:
+        if self._ordered:
+            return self._inflight.popleft()
+        done, _ = wait(self._inflight, return_when=FIRST_COMPLETED)
+        future = next(iter(done))
+        self._inflight.remove(future)
+        return future
+
+
 class Pool:
     """A drop-in for ``multiprocessing.Pool`` whose workers run in any gear.
 
@@ -126,7 +176,7 @@ class Pool:
             initargs=initargs,
             max_tasks_per_worker=maxtasksperchild,
         )
-        self._executor._terminate_at_exit = True  # as multiprocessing.Pool's finalizer does
+        self._executor._core.terminate_at_exit = True  # as multiprocessing.Pool's finalizer does
         self._state = "RUN"
 
     @property
@@ -214,26 +264,7 @@ class Pool:
     def _imap(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int, ordered: bool) -> Iterator[Any]:
         if chunksize < 1:
             raise ValueError(f"chunksize must be >= 1, got {chunksize}")
-        runner = chunk_runner(func)
-        args = ((item,) for item in iterable)
-        window = 4 * self.workers
-        inflight: deque[Future[Any]] = deque()
-        try:
-            while True:
-                while len(inflight) < window and (chunk := list(itertools.islice(args, chunksize))):
-                    inflight.append(self._executor.submit(runner, chunk))
-                if not inflight:
-                    return
-                if ordered:
-                    yield from inflight.popleft().result()
-                    continue
-                done, _ = wait(inflight, return_when=FIRST_COMPLETED)
-                for future in done:
-                    inflight.remove(future)
-                    yield from future.result()
-        finally:
-            for future in inflight:
-                future.cancel()
+        return _IMapIterator(self._executor, func, iterable, chunksize, 4 * self.workers, ordered)
 
     # -- lifecycle ------------------------------------------------------------------------
     def close(self) -> None:
