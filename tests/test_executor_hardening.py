@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import functools
 import gc
+import os
 import queue
 import sys
 import threading
@@ -159,6 +160,30 @@ def _new_threads(before: set[threading.Thread]) -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t not in before]
 
 
+def _descendants() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def _descendants() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def _new_kids(before: set[int]) -> list[psutil.Process]:
+    """Worker processes started since ``before``: forkserver-born ones (our grandchildren) too,
+    but not multiprocessing's own forkserver and resource tracker, which live till exit."""
+    me = os.getpid()
+    kids = []
+    for proc in psutil.Process(me).children(recursive=True):
+        try:
+            helper = proc.ppid() == me and ("forkserver" in " ".join(proc.cmdline()) or
+                                            "resource_tracker" in " ".join(proc.cmdline()))
+        except psutil.Error:
+            continue
+        if proc.pid not in before and not helper:
+            kids.append(proc)
+    return kids
+
+
 def _assert_all_stop(threads: list[threading.Thread], kids: list[psutil.Process]) -> None:
     for thread in threads:
         thread.join(PATIENCE)
@@ -170,12 +195,12 @@ def _assert_all_stop(threads: list[threading.Thread], kids: list[psutil.Process]
 
 @pytest.mark.parametrize("gear", ["thread", "process"])
 def test_dropped_executor_is_shut_down(gear: str) -> None:
-    before = set(threading.enumerate())
+    before, pids = set(threading.enumerate()), _descendants()
     ex = gs.Executor(gear, workers=2)
     ex.submit(square, 2).add_done_callback(lambda f: None)  # a callback thread too, if it comes
     assert ex.submit(square, 3).result(timeout=PATIENCE) == 9
     threads = _new_threads(before)
-    kids = leftover_children(wait=0)
+    kids = _new_kids(pids)
     assert threads and (kids or gear == "thread")
     del ex
     gc.collect()
@@ -184,11 +209,11 @@ def test_dropped_executor_is_shut_down(gear: str) -> None:
 
 @pytest.mark.parametrize("gear", ["thread", "process"])
 def test_dropped_pool_is_shut_down(gear: str) -> None:
-    before = set(threading.enumerate())
+    before, pids = set(threading.enumerate()), _descendants()
     pool = gs.Pool(2, gear=gear)
     assert pool.apply(square, (3,)) == 9
     threads = _new_threads(before)
-    kids = leftover_children(wait=0)
+    kids = _new_kids(pids)
     assert threads and (kids or gear == "thread")
     del pool
     gc.collect()
