@@ -158,11 +158,20 @@ class ProcessGear(Gear):
     pickles = True
 
     def __init__(
-        self, workers: int | None = None, *, start_method: str | None = None, blas_threads: int | str | None = "auto"
+        self,
+        workers: int | None = None,
+        *,
+        start_method: str | None = None,
+        blas_threads: int | str | None = "auto",
+        mp_context: BaseContext | None = None,
     ) -> None:
         """``blas_threads``: BLAS/OpenMP threads each worker may use ("auto": cores / workers;
-        None: leave the libraries' own defaults)."""
+        None: leave the libraries' own defaults). ``mp_context``: a multiprocessing context whose
+        start method (and objects) the workers use, instead of ``start_method``."""
         super().__init__(workers)
+        if mp_context is not None and start_method is not None:
+            raise ValueError("give start_method or mp_context, not both")
+        self.mp_context = mp_context
         if blas_threads != "auto" and blas_threads is not None and (
             not isinstance(blas_threads, int) or isinstance(blas_threads, bool) or blas_threads < 1
         ):
@@ -220,8 +229,12 @@ class ProcessGear(Gear):
         self._init_error = None
         self._fns = {}  # nothing stale from an earlier run: functions are pickled afresh
         self._owner = os.getpid()
-        method = self.start_method or default_start_method()
-        self._ctx = mp.get_context(method)
+        if self.mp_context is not None:
+            self._ctx = self.mp_context
+            method = self._ctx.get_start_method()
+        else:
+            method = self.start_method or default_start_method()
+            self._ctx = mp.get_context(method)
         # Replacements never fork the parent, which may be running user code in threads by then.
         self._respawn_ctx = mp.get_context("forkserver") if method == "fork" else self._ctx
         if self._respawn_ctx.get_start_method() == "forkserver":
@@ -645,7 +658,8 @@ class ProcessGear(Gear):
         self._respawn_ctx = None
 
     def describe(self) -> str:
-        method = self.start_method or default_start_method()
+        ctx = self.mp_context
+        method = ctx.get_start_method() if ctx is not None else self.start_method or default_start_method()
         return f"{super().describe()} ({method})"
 
 

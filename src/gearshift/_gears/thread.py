@@ -50,8 +50,11 @@ class ThreadGear(Gear):
     name = "thread"
     chunk_target = 0.002
 
-    def __init__(self, workers: int | None = None) -> None:
+    def __init__(self, workers: int | None = None, *, thread_name_prefix: str | None = None) -> None:
+        """``thread_name_prefix``: threads are named ``f"{prefix}_{n}"`` (as ``ThreadPoolExecutor``
+        names them) instead of ``gearshift-thread-{n}``."""
         super().__init__(workers)
+        self.thread_name_prefix = thread_name_prefix
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._run = _Run(RunSpec())
@@ -77,9 +80,9 @@ class ThreadGear(Gear):
         with self._lock:
             run = self._run
             if len(self._threads) - run.stuck < self.workers:
-                thread = threading.Thread(
-                    target=self._worker, args=(run,), name=f"gearshift-thread-{len(self._threads)}", daemon=True
-                )
+                n = len(self._threads)
+                name = f"{self.thread_name_prefix}_{n}" if self.thread_name_prefix else f"gearshift-thread-{n}"
+                thread = threading.Thread(target=self._worker, args=(run,), name=name, daemon=True)
                 self._threads.append(thread)
                 thread.start()
 
