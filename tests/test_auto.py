@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import logging
 import os
+import re
 import threading
 import time
 import warnings
@@ -29,10 +31,21 @@ def spin_pid(n: int) -> int:
     return os.getpid()
 
 
+#: What a report's gear says when the auto gear ran the work (it decided, or the run ended first).
+AUTO_MADE = re.compile(r".+, chosen by auto|(serial gear|probe threads) \(auto: the run ended while probing\)")
+
+
 def test_default_gear_is_auto() -> None:
+    for front in (gs.map, gs.imap):
+        assert inspect.signature(front).parameters["gear"].default == "auto"
     out = gs.map(lambda x: x + 1, range(10))
     assert out == list(range(1, 11))
-    assert "chosen by auto" in out.report.gear or "auto" in out.report.gear
+    assert AUTO_MADE.fullmatch(out.report.gear), out.report.gear
+    with gs.imap(lambda x: x + 1, range(10)) as it:
+        assert list(it) == list(range(1, 11))
+    assert AUTO_MADE.fullmatch(it.report.gear), it.report.gear
+    # A fixed gear says nothing of auto: the match above is not one any report passes.
+    assert AUTO_MADE.fullmatch(gs.map(lambda x: x + 1, range(10), gear="serial").report.gear) is None
 
 
 def test_pure_python_cpu_shifts_to_processes() -> None:
@@ -78,7 +91,7 @@ def test_tiny_tasks_from_an_endless_style_iterator_stay_serial() -> None:
 
 def test_gil_releasing_hashing_is_not_serial_or_async() -> None:
     out = gs.map(sha, range(150))
-    assert len(set(out)) == 1 and len(out) == 150
+    assert out == [hashlib.sha256(BUF).hexdigest()] * 150
     # On a quiet machine this is "thread" (hashlib releases the GIL); on a loaded one the
     # pair test may not show the parallelism, and processes are a fair second choice.
     assert out.report.gear.startswith(("thread", "process")), (out.report.gear, out.report.reasons)
@@ -172,8 +185,28 @@ def test_auto_workers_are_passed_on() -> None:
 
 
 def test_run_that_ends_while_probing_still_reports() -> None:
+    """Tiny items go to the caller's thread at once; three end the run before any decision."""
+    out = gs.map(lambda x: x + 1, range(3))
+    assert out == [1, 2, 3]
+    report = out.report
+    assert report.gear == "serial gear (auto: the run ended while probing)", (report.gear, report.reasons)
+    assert report.reasons == ["the run ended before the measurements called for a shift"]
+    assert report.advice is None
+    assert (report.items, report.succeeded, report.failed) == (3, 3, 0)
+
+
+def test_one_item_run_reports_the_decision() -> None:
+    """One 10 ms wait: measured, no gear can beat serial on a single item, and the report says why."""
     out = gs.map(nap, [1])
-    assert out == [1] and out.report.gear and out.report.reasons
+    assert out == [1]
+    report = out.report
+    assert report.gear == "serial gear, 1 worker, chosen by auto", (report.gear, report.reasons)
+    assert isinstance(report.advice, gs.Advice)
+    assert (report.advice.gear, report.advice.workers) == ("serial", 1)
+    assert report.reasons == report.advice.reasons
+    assert any(r.startswith("each call waits") for r in report.reasons), report.reasons
+    assert any(r.startswith("no gear promises") for r in report.reasons), report.reasons
+    assert (report.items, report.succeeded, report.failed) == (1, 1, 0)
 
 
 def test_executor_refuses_auto_clearly() -> None:
@@ -233,9 +266,11 @@ def test_serial_phase_waits_instead_of_spinning_during_retry_backoff() -> None:
             raise ConnectionError(x)
         return x + 1
 
-    start = time.process_time()
+    start, wall = time.process_time(), time.monotonic()
     out = gs.map(once, range(10), retries=gs.Retry(attempts=2, backoff=0.5, jitter=False))
     assert out == list(range(1, 11))
+    assert out.report.retried == 1
+    assert time.monotonic() - wall >= 0.5, "the retry did not wait its backoff: the CPU bound below proves nothing"
     assert time.process_time() - start < 0.4  # half a second of backoff, not spent spinning
 
 
