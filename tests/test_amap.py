@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from conftest import leftover_children, leftover_threads
-from helpers import GEARS, asquare, fail_on, square
+from helpers import GEARS, PATIENCE, asquare, fail_on, square
 
 import gearshift as gs
 
@@ -54,23 +54,35 @@ def test_amap_runs_on_the_callers_loop() -> None:
 
 
 def test_amap_concurrency_is_bounded() -> None:
+    """Each task of a wave waits until the limit is running at once: that proves >= 2 (4 in fact),
+    and a gear that admitted more would start the 5th while the first four wait."""
+    limit, n = 4, 40
+
     async def main() -> int:
         running = 0
         peak = 0
+        full = asyncio.Event()
 
         async def task(i: int) -> int:
             nonlocal running, peak
             running += 1
             peak = max(peak, running)
+            if running == limit:
+                full.set()
+            await full.wait()  # the first wave holds here until all four of it run
             for _ in range(3):
                 await asyncio.sleep(0)
             running -= 1
             return i
 
-        assert [x async for x in gs.amap(task, range(40), concurrency=4)] == list(range(40))
+        try:
+            async with asyncio.timeout(PATIENCE):
+                assert [x async for x in gs.amap(task, range(n), concurrency=limit)] == list(range(n))
+        except TimeoutError:
+            raise AssertionError(f"never {limit} tasks at once (peak {peak})") from None
         return peak
 
-    assert 1 <= asyncio.run(main()) <= 4
+    assert asyncio.run(main()) == limit
 
 
 @pytest.mark.parametrize("gear", GEARS)
@@ -82,7 +94,8 @@ def test_amap_error_keeps_type_and_item(gear: str) -> None:
 
 def test_amap_collect_and_skip() -> None:
     out = asyncio.run(collect(gs.amap(fail_on, range(6), errors="collect")))
-    assert isinstance(out[3], gs.Failure) and out[3].item == 3
+    assert out[:3] == [0, 1, 2] and out[4:] == [4, 5] and len(out) == 6
+    assert isinstance(out[3], gs.Failure) and out[3].item == 3 and isinstance(out[3].exception, KeyError)
     out = asyncio.run(collect(gs.amap(functools.partial(fail_on, bad=0), range(6), errors="skip")))
     assert out == [1, 2, 3, 4, 5]
 
@@ -105,9 +118,20 @@ def test_amap_early_break_with_aclosing(gear: str) -> None:
 def test_amap_cancelled_from_outside_leaves_no_task() -> None:
     """Cancelling the consuming task (a timeout) cancels the tasks it started, on the same loop."""
 
-    async def main() -> set[asyncio.Task[Any]]:
+    async def main() -> tuple[list[int], list[int], set[asyncio.Task[Any]]]:
+        started: list[int] = []
+        cancelled: list[int] = []
+        all_started = asyncio.Event()
+
         async def forever(i: int) -> int:
-            await asyncio.Event().wait()
+            started.append(i)
+            if len(started) == 4:
+                all_started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.append(i)
+                raise
             return i
 
         async def consume() -> None:
@@ -115,9 +139,20 @@ def test_amap_cancelled_from_outside_leaves_no_task() -> None:
                 async for _ in results:
                     pass
 
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.2):
-                await consume()
-        return {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
+        async def expire_when_all_started(deadline: asyncio.Timeout) -> None:
+            await all_started.wait()
+            deadline.reschedule(asyncio.get_running_loop().time())
 
-    assert asyncio.run(main()) == set()
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(PATIENCE) as deadline:
+                trigger = asyncio.create_task(expire_when_all_started(deadline))
+                await consume()
+        trigger.cancel()
+        await asyncio.gather(trigger, return_exceptions=True)
+        assert all_started.is_set(), f"only {started} started before the timeout"
+        return started, cancelled, {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
+
+    started, cancelled, left = asyncio.run(main())
+    assert sorted(started) == [0, 1, 2, 3], "the limit of 4 at once, and nothing more"
+    assert sorted(cancelled) == [0, 1, 2, 3], "each started task was cancelled, not abandoned"
+    assert left == set()
