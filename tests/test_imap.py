@@ -12,6 +12,7 @@ import psutil
 import pytest
 from conftest import leftover_children, leftover_threads
 from helpers import GEARS, add_one, asquare, fail_on, square, zero_free
+from helpers import wait_for as wait_for_file
 
 import gearshift as gs
 
@@ -113,8 +114,31 @@ def test_exception_in_loop_over_a_named_iterator(gear: str) -> None:
     assert_all_stopped()
 
 
+def fail_after(flag: str, x: int) -> int:
+    """Item 5 fails once the caller holds item 4's result (``flag`` appears); the others return."""
+    if x == 5:
+        wait_for_file(flag)  # TimeoutError after PATIENCE: the test then fails on the wrong exception
+        raise KeyError(f"bad item {x}")
+    return x
+
+
 @pytest.mark.parametrize("gear", GEARS)
-def test_error_in_task_stops_imap(gear: str) -> None:
+def test_error_in_task_stops_imap(gear: str, tmp_path: Any) -> None:
+    """Every result before the failure reaches the caller, then the failure; nothing after it."""
+    flag = tmp_path / "got-4"
+    got = []
+    with pytest.raises(KeyError, match="bad item 5"):
+        for value in gs.imap(functools.partial(fail_after, str(flag)), Counted(), gear=gear, workers=2, chunksize=1):
+            got.append(value)
+            if value == 4:
+                flag.touch()
+    assert got == [0, 1, 2, 3, 4]
+    assert_all_stopped()
+
+
+@pytest.mark.parametrize("gear", GEARS)
+def test_error_in_task_stops_imap_with_auto_chunks(gear: str) -> None:
+    """With chunks the failure may overtake results of its own chunk: in order, none past it."""
     got = []
     with pytest.raises(KeyError):
         for value in gs.imap(functools.partial(fail_on, bad=5), Counted(), gear=gear, workers=2):
