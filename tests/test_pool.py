@@ -134,12 +134,35 @@ def test_join_before_close_raises() -> None:
 
 
 def test_terminate_stops_running_work(tmp_path: Path) -> None:
+    """A call that is running (and never checks for cancellation) is killed with its worker."""
+    import faultlib as fl
+    import psutil
+
     pool = gs.Pool(2)
-    result = pool.apply_async(wait_for_file, (str(tmp_path / "never"),))
-    pool.terminate()
-    assert result.ready()
-    with pytest.raises(Exception):  # noqa: B017 - any failure: the call was stopped
-        result.get(timeout=0)
+    try:
+        running = pool.apply_async(fl.park_spin, (str(tmp_path), 0))  # writes 0.pid, then spins forever
+        (worker,) = fl.pids_in(tmp_path, 1, timeout=PATIENCE)  # the call has started in that worker
+        other = pool.apply_async(wait_for_file, (str(tmp_path / "never"),))
+        started = time.monotonic()
+        pool.terminate()
+    except BaseException:
+        pool.terminate()
+        raise
+
+    def alive() -> bool:
+        try:
+            return psutil.Process(worker).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = started + 10.0  # a kill is immediate; generous for a loaded machine
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not alive(), f"worker {worker} still running its call {time.monotonic() - started:.1f}s after terminate"
+    for result in (running, other):
+        assert result.ready()
+        with pytest.raises(Exception):  # noqa: B017 - any failure: the call was stopped
+            result.get(timeout=0)
     with pytest.raises(ValueError):
         pool.apply_async(square, (1,))
 
