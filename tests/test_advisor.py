@@ -200,7 +200,8 @@ def test_advise_pure_python_cpu_picks_processes() -> None:
     m = advice.measurements
     assert advice.gear == "process", str(advice)
     assert m.wait_fraction < 0.5 and m.thread_scaling is not None and m.thread_scaling < 1.75
-    assert m.round_trip is not None and m.startup is not None
+    assert m.round_trips["process"] > 0 and "process" in m.startups
+    assert "process gear measured: round trip" in str(advice)
     assert advice.consider_compiled
 
 

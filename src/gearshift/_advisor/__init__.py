@@ -11,13 +11,14 @@ from gearshift._advisor.advice import Advice
 from gearshift._advisor.model import Machine, Measurements, decide, predict
 from gearshift._advisor.probes import (
     fn_pickle_error,
+    gear_round_trip,
     machine_facts,
     measure_scaling,
     pickle_cost,
-    process_round_trip,
     time_calls,
 )
-from gearshift._gears.aio import is_async_callable
+from gearshift._calls import fn_name, is_async_callable
+from gearshift._gears import BASELINE, advisable_gears, gear_class
 from gearshift._task import close_runner
 
 __all__ = ["Advice", "Machine", "Measurements", "advise", "decide", "predict"]
@@ -35,12 +36,15 @@ def advise(
 
     Runs ``fn`` in the caller on up to 8 items (about 0.3 s at most, at least one call),
     then, for CPU-bound work, in two threads at once (does it release the GIL?), pickles
-    the function, an item and its result, and times a round trip to a worker process when
-    processes are in question. ``total`` (the number of items of the real run) lets the
-    prediction include start-up costs. ``print(advice)`` explains the choice.
-    """
-    from gearshift._engine import fn_name
+    the function, an item and its result, and times a round trip to one worker of each gear
+    that allows it (``GearCosts.measure``: processes) when that gear is in question.
+    ``total`` (the number of items of the real run) lets the prediction include start-up
+    costs. ``print(advice)`` explains the choice.
 
+    Every gear in the table is a candidate: the built-in ones, registered ones and installed
+    ones (the ``gearshift.gears`` entry points, loaded here), each predicted from its declared
+    ``GearCosts``; a gear that declares none is listed with that reason.
+    """
     start = time.perf_counter()
     items = list(itertools.islice(iter(sample), MAX_SAMPLES))
     if not items:
@@ -62,9 +66,12 @@ def advise(
     cpu_bound = m.wait_fraction < 0.5
     if machine.gil_enabled and cpu_bound and not coro:
         m.thread_scaling = measure_scaling(fn, items)
-    worth_a_trip = m.per_item > 20e-6  # below that no process can win, whatever a round trip costs
-    if m.picklable and cpu_bound and worth_a_trip and decide(m, machine, workers, total).gear in ("process", "serial"):
-        # Processes are in question: replace the default costs by this machine's.
-        m.startup, m.round_trip = process_round_trip(fn, items[0])
+    gears = advisable_gears(load=True)
+    if m.per_item > 20e-6:  # below that no worker can win, whatever a round trip costs
+        decision = decide(m, machine, workers, total, gears)
+        for name, costs in gears.items():
+            # In question: chosen on declared costs, or the rival of serial. Measure this machine's.
+            if costs and costs.measure and decision.predictions[name].applicable and decision.gear in (name, BASELINE):
+                m.startups[name], m.round_trips[name] = gear_round_trip(gear_class(name), fn, items[0])
     m.probe_time = time.perf_counter() - start
-    return Advice.decide(m, machine, workers=workers, remaining=total, fn_name=fn_name(fn))
+    return Advice.from_decision(decide(m, machine, workers, total, gears), m, machine, fn_name(fn))

@@ -77,16 +77,18 @@ class Advice:
         if not m.picklable:
             lines.append(f"  pickling: the function cannot be pickled ({m.pickle_error})")
         else:
-            costs = f"  pickling item + result: {_us(m.pickle_per_item)}"
-            if m.round_trip is not None:
-                costs += f"; process round trip {_us(m.round_trip)}"
-            if m.startup is not None:
-                costs += f", start-up {_us(m.startup)}"
-            lines.append(costs)
+            lines.append(f"  pickling item + result: {_us(m.pickle_per_item)}")
+        for name in sorted(m.round_trips.keys() | m.startups.keys()):
+            pairs = (("round trip", m.round_trips), ("start-up", m.startups))
+            found = [(what, d[name]) for what, d in pairs if name in d]
+            lines.append(f"  {name} gear measured: " + ", ".join(f"{what} {_us(value)}" for what, value in found))
         gears = []
         for p in self.predictions.values():
             gears.append(f"{p.gear} {p.speedup:.2f}x (bound {p.bound:.1f}x)" if p.applicable else f"{p.gear} n/a")
         lines.append("  gears: " + " | ".join(gears))
+        for p in self.predictions.values():
+            if not p.applicable and p.gear not in m.round_trips:
+                lines.append(f"  {p.gear} n/a: {p.why_not}")
         lines.append("  why:")
         lines.extend(f"    - {reason}" for reason in self.reasons)
         if m.probe_time:

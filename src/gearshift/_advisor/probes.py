@@ -1,4 +1,4 @@
-"""Measuring a function on real items: clocks, timed calls, the GIL, pickling, a process.
+"""Measuring a function on real items: clocks, timed calls, the GIL, pickling, a gear's worker.
 
 Everything here has side effects (it runs the user's function); the decisions live in
 ``model.py`` as pure functions of what these probes return.
@@ -25,9 +25,9 @@ import cloudpickle
 
 from gearshift._advisor.model import Machine
 from gearshift._cancel import CancelToken
-from gearshift._gears._base import cpu_count
+from gearshift._gears._base import Gear, cpu_count, initializer_error
+from gearshift._gears.process import default_start_method
 from gearshift._task import Batch, Outcome, RunSpec, Task, call, close_runner, expand, run_task
-from gearshift.errors import InitializerError
 
 
 def gil_enabled() -> bool:
@@ -38,8 +38,6 @@ def gil_enabled() -> bool:
 
 def machine_facts() -> Machine:
     """The facts the model needs about this machine and interpreter."""
-    from gearshift._gears.process import default_start_method
-
     return Machine(cores=cpu_count(), gil_enabled=gil_enabled(), start_method=default_start_method())
 
 
@@ -231,9 +229,8 @@ class ProbeThread(threading.Thread):
             if self.spec.initializer is not None:
                 try:
                     self.spec.initializer(*self.spec.initargs)
-                except BaseException as exc:
-                    self.init_error = InitializerError(f"initializer {self.spec.initializer!r} raised {exc!r}")
-                    self.init_error.__cause__ = exc
+                except BaseException as exc:  # a thread reports everything: the caller raises it
+                    self.init_error = initializer_error(self.spec.initializer, exc)
                     return
             while (task := self.feed.get()) is not None:
                 token = CancelToken(self.token)
@@ -331,7 +328,7 @@ def measure_scaling(fn: Callable[[Any], Any], items: Sequence[Any], budget: floa
     return scaling_from_gil(1.0 if held is None else held)
 
 
-# -- pickling and a process ------------------------------------------------------------------
+# -- pickling and a worker -------------------------------------------------------------------
 def pickle_cost(item: Any, result: Any) -> tuple[float, str]:
     """Seconds to pickle and unpickle an item and its result (both ends; best of three); an error if one cannot be."""
     best = float("inf")
@@ -359,17 +356,16 @@ def fn_pickle_error(fn: Callable[..., Any]) -> str:
     return ""
 
 
-def process_round_trip(fn: Callable[[Any], Any], item: Any) -> tuple[float, float]:
-    """(start-up, round trip) of one worker process, in seconds: what processes cost beyond the work.
+def gear_round_trip(cls: type[Gear], fn: Callable[[Any], Any], item: Any) -> tuple[float, float]:
+    """(start-up, round trip) of one worker of the gear ``cls``, in seconds: what it costs beyond the work.
 
     Sends the item twice, one after the other. The start-up is the first trip's wall time
     beyond the second's (starting the worker, sending the function). The round trip is
     the *caller's CPU time* for the second trip (framing, pipe, wake-ups): the part that
     cannot overlap, since with batches queued ahead the wait for a worker is hidden.
     """
-    from gearshift._gears.process import ProcessGear
-
-    gear = ProcessGear(1)
+    gear = cls(1)
+    gear.check(fn)
     gear.open(RunSpec())
     walls: list[float] = []
     cpu = 0.0
@@ -382,7 +378,7 @@ def process_round_trip(fn: Callable[[Any], Any], item: Any) -> tuple[float, floa
             while not got:
                 got = expand(gear.collect(1.0))
                 if time.perf_counter() - start > 30:
-                    raise TimeoutError("a worker process did not answer within 30 s")
+                    raise TimeoutError(f"a worker of the {cls.name} gear did not answer within 30 s")
             walls.append(max(0.0, time.perf_counter() - start - got[0].elapsed))
             cpu = time.thread_time() - c0
         ok = True

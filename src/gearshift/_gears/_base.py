@@ -9,7 +9,15 @@ chunk sizes, retries, the error policy and progress. A gear only runs batches:
 * ``wake()``         make a blocked ``collect`` return now (new work, shutdown);
 * ``close(cancel)``  finish (or, with ``cancel``, drop) the work and stop every worker.
 
-A new gear (dask, ray, sub-interpreters) is one new module with one subclass.
+A new gear (dask, ray, sub-interpreters) is one new module with one subclass that
+declares its costs (``GearCosts``, read by the advisor) and registers its name
+(``gearshift.register_gear`` or the ``gearshift.gears`` entry-point group); docs/gears.md
+walks through one. The interface is *provisional*: it may change until the pipeline and
+the next gears have used it.
+
+What every gear does the same way is written here once: the outcome of an item that ran
+out of time (``timeout_outcome``), the error of an initializer that raised
+(``initializer_error``, ``run_initializer``).
 
 A gear object runs one run at a time: the engine claims it for a run (``claim``) and
 releases it at the run's end, so a second run on a gear in use is refused at once
@@ -25,9 +33,11 @@ import time
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
-from typing import Any, ClassVar, TypeVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, TypeVar
 
-from gearshift._task import Batch, Result, RunSpec
+from gearshift._task import Batch, Outcome, Result, RunSpec, Task
+from gearshift.errors import InitializerError, TaskTimeout, short_repr
 
 #: How long closing waits for threads whose functions were cancelled: threads cannot be killed.
 CANCEL_GRACE = 1.5
@@ -66,6 +76,82 @@ def warn_stuck(names: list[str], what: str) -> None:
         )
 
 
+def timeout_outcome(task: Task, limit: float | None, elapsed: float | None = None) -> Outcome:
+    """The one way an item fails for running past its timeout, in every gear: ``TaskTimeout`` naming it.
+
+    ``elapsed`` defaults to the limit (the item was given up at its deadline).
+    """
+    seconds = limit or 0.0
+    return Outcome(task, False, TaskTimeout(seconds, task.item, task.index), seconds if elapsed is None else elapsed)
+
+
+def initializer_error(initializer: Callable[..., Any] | None, exc: BaseException) -> InitializerError:
+    """The one error for an initializer that raised: names the initializer, the original is ``__cause__``."""
+    error = InitializerError(f"initializer {short_repr(initializer)} raised {exc!r}")
+    error.__cause__ = exc
+    return error
+
+
+def run_initializer(spec: RunSpec) -> None:
+    """Run ``spec``'s initializer here (the caller or a worker); raise ``InitializerError`` if it raises.
+
+    Only ``Exception`` is converted: Ctrl-C or ``sys.exit`` in the caller's thread stays what it is.
+    A worker thread that must report everything catches ``BaseException`` and uses ``initializer_error``.
+    """
+    if spec.initializer is None:
+        return
+    try:
+        spec.initializer(*spec.initargs)
+    except Exception as exc:
+        raise initializer_error(spec.initializer, exc) from exc
+
+
+CpuParallel = Literal["always", "without_gil", "never"]
+
+
+@dataclass(frozen=True, slots=True)
+class GearCosts:
+    """What a gear costs beyond the work itself, as plain data: the advisor's model reads it (provisional).
+
+    Seconds unless said otherwise; these are declared defaults. For a gear with
+    ``measure=True`` the advisor, when the gear is in question, starts one worker and
+    times two items: the measured round trip replaces ``handoff_per_batch`` and the
+    measured start-up replaces the declared one. The model (``gearshift._advisor.model``)
+    says how each field enters the predicted speedup.
+    """
+
+    #: Caller-side time per batch that cannot overlap the work (a queue and a wake-up; a pipe round trip).
+    handoff_per_batch: float = 30e-6
+    #: Caller-side time per item, however the items are batched (the async gear: a task and a loop turn).
+    handoff_per_item: float = 0.0
+    #: Seconds of work a batch should hold so its hand-off stays small (0: one item per batch).
+    batch_work: float = 0.002
+    #: Start-up before the first item: once, and per worker.
+    startup: float = 0.0
+    startup_per_worker: float = 1e-4
+    #: Workers are processes that import the modules again unless they start by fork (spawn, forkserver).
+    reimports: bool = False
+    #: The function, items and results are pickled (they cross a process boundary); an unpicklable
+    #: function rules the gear out.
+    pickles: bool = False
+    #: When the workers run the CPU part of calls in parallel: "always" (processes, sub-interpreters);
+    #: "without_gil" (threads: on a free-threaded build, or for code that releases the GIL);
+    #: "never" (one thread, one event loop).
+    cpu_parallel: CpuParallel = "without_gil"
+    #: Worth it only for coroutine functions (the async gear: blocking functions would run in threads).
+    coroutines_only: bool = False
+    #: Bounds on the workers the model sizes from the wait (cores / (1 - wait fraction)).
+    min_workers: int = 1
+    max_workers: int = 128
+    max_workers_per_core: int | None = None
+    #: Among gears within 10% of the best predicted speedup, the lowest rank wins (the simplest gear).
+    tie_rank: int = 100
+    #: The advisor may start one worker and time two items to replace the declared hand-off and start-up.
+    measure: bool = False
+    #: The gear in the advisor's words ("threads", "processes"); "" gives "the <name> gear".
+    label: str = ""
+
+
 def cpu_count() -> int:
     """Cores this process may run on (affinity-aware), at least 1."""
     try:
@@ -75,9 +161,17 @@ def cpu_count() -> int:
 
 
 class Gear(ABC):
-    """Runs batches of tasks; see the module docstring for the contract."""
+    """Runs batches of tasks; see the module docstring for the contract.
+
+    Provisional: the base class of every gear, public so that gears can live outside the
+    package; it may change until the pipeline and the next gears have used it.
+    """
 
     name: ClassVar[str]
+    #: What the advisor needs to predict this gear; None: it cannot, and lists the gear as such.
+    costs: ClassVar[GearCosts | None] = None
+    #: A gear that picks another gear to run the items (auto): never a candidate of the advisor itself.
+    picks_gear: ClassVar[bool] = False
     #: Seconds of work a batch should hold so its dispatch cost stays ~1% (0: never chunk).
     #: Read on every admission, so a gear may change it as it learns (the auto gear does).
     chunk_target: float = 0.0

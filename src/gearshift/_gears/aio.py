@@ -23,11 +23,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from gearshift._calls import is_async_callable
 from gearshift._cancel import CancelToken, bind_token
-from gearshift._gears._base import CANCEL_GRACE, Gear, warn_stuck
+from gearshift._gears._base import CANCEL_GRACE, Gear, GearCosts, run_initializer, timeout_outcome, warn_stuck
 from gearshift._gears._blocking import DaemonThreadPool
 from gearshift._task import Batch, Outcome, Result, RunSpec, Task, format_tb
-from gearshift.errors import InitializerError, TaskCancelled, TaskTimeout
+from gearshift.errors import TaskCancelled
+
+__all__ = ["AsyncGear", "is_async_callable", "loop_factory"]  # is_async_callable: for its older importers
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
@@ -66,17 +69,13 @@ class _Clock:
             self.handle = loop.call_later(left, self._check)
 
 
-def is_async_callable(fn: Callable[..., Any]) -> bool:
-    """True for ``async def`` functions, partials of them and objects with an async ``__call__``."""
-    if inspect.iscoroutinefunction(fn):
-        return True
-    call = getattr(type(fn), "__call__", None)  # noqa: B004 - we want the class attribute
-    return call is not None and inspect.iscoroutinefunction(call)
-
-
 class AsyncGear(Gear):
     name = "async"
     chunk_target = 0.5
+    costs = GearCosts(
+        handoff_per_batch=0.0, handoff_per_item=40e-6, batch_work=0.0, startup_per_worker=0.0, cpu_parallel="never",
+        coroutines_only=True, min_workers=16, max_workers=1000, tie_rank=30, label="the async gear",
+    )
 
     def __init__(self, workers: int | None = None) -> None:
         super().__init__(workers)
@@ -125,11 +124,7 @@ class AsyncGear(Gear):
         self._closing = False
         self._token = CancelToken()
         self._pool = DaemonThreadPool(max_workers=min(self.workers, 256), thread_name_prefix="gearshift-async")
-        if spec.initializer is not None:
-            try:
-                spec.initializer(*spec.initargs)
-            except Exception as exc:
-                raise InitializerError(f"initializer {spec.initializer!r} raised {exc!r}") from exc
+        run_initializer(spec)
         if self._native:
             self._sem = asyncio.Semaphore(self.workers)
             self._native_event = asyncio.Event()
@@ -258,8 +253,7 @@ class AsyncGear(Gear):
             if scope is not None and isinstance(exc, TimeoutError) and scope.expired():
                 if token is not None:
                     token.cancel()
-                limit = self._spec.timeout or 0.0
-                self._deliver(Outcome(task, False, TaskTimeout(limit, task.item, task.index), elapsed))
+                self._deliver(timeout_outcome(task, self._spec.timeout, elapsed))
             else:
                 self._deliver(Outcome(task, False, exc, elapsed, format_tb(exc)))
             return

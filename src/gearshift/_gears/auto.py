@@ -18,7 +18,9 @@ Phases, each a way of running the items the engine hands over:
   threads finish there and their results are merged in.
 
 Coroutine functions go straight to the async gear. A function that cannot be pickled
-never goes to processes, and the reasons say so.
+never goes to processes, and the reasons say so. The candidates are the gears of the
+table the advisor's model predicts (``GearCosts``), third-party ones included once
+registered or loaded; the shift makes the chosen one by name from the table.
 
 Fork safety: a probe thread runs the user's function, which may hold a lock (a module's
 ``threading.Lock``) at any moment; a worker forked then would inherit it taken, forever.
@@ -57,14 +59,14 @@ from gearshift._advisor.probes import (
     scaling_from_gil,
     wait_fraction,
 )
+from gearshift._calls import fn_name, is_async_callable
 from gearshift._cancel import CancelToken
-from gearshift._gears._base import Gear, join_threads
-from gearshift._gears.aio import AsyncGear, is_async_callable
+from gearshift._gears import gear_class, register_gear
+from gearshift._gears._base import Gear, join_threads, timeout_outcome
+from gearshift._gears.aio import AsyncGear
 from gearshift._gears.process import ProcessGear
 from gearshift._gears.serial import SerialGear
-from gearshift._gears.thread import ThreadGear
-from gearshift._task import Batch, Done, Outcome, Result, RunSpec, count
-from gearshift.errors import TaskTimeout
+from gearshift._task import Batch, Done, Result, RunSpec, count
 
 log = logging.getLogger("gearshift")
 
@@ -83,13 +85,11 @@ SLICE = 0.005
 #: GIL switch interval while shifting (starting workers next to a computing probe thread).
 SHIFT_SWITCH_INTERVAL = 0.0002
 
-_GEARS: dict[str, type[Gear]] = {"serial": SerialGear, "thread": ThreadGear, "process": ProcessGear, "async": AsyncGear}
-
-
 class AutoGear(Gear):
     """Measures the first items and shifts to the gear the measurements call for."""
 
     name = "auto"
+    picks_gear = True
 
     def __init__(self, workers: int | None = None, *, machine: Machine | None = None) -> None:
         super().__init__(workers if workers is not None else 2)
@@ -245,7 +245,7 @@ class AutoGear(Gear):
                 thread.expired = task
                 if token is not None:
                     token.cancel()
-                out.append(Outcome(task, False, TaskTimeout(limit, task.item, task.index), limit))
+                out.append(timeout_outcome(task, limit))
         if out and not self._feed.stopped:
             self._start_probe()  # threads cannot be killed: a fresh one takes the next items
         return out
@@ -452,7 +452,7 @@ class AutoGear(Gear):
         if decision.gear == "process" and self._prestarted is not None:
             gear, self._prestarted = self._prestarted, None  # forked before the probe: use them
         else:
-            gear = _GEARS[decision.gear](decision.workers)
+            gear = gear_class(decision.gear)(decision.workers)
             gear.check(fn)
             gear.open(self._spec)
         tasks = [t for b in self._pending for t in b.tasks] + self._feed.stop()
@@ -470,8 +470,6 @@ class AutoGear(Gear):
 
     def _record(self, decision: Decision) -> None:
         self.decision = decision
-        from gearshift._engine import fn_name  # late: the engine imports the gears
-
         measured = dataclasses.replace(self._m)  # a snapshot: the gear's own keeps changing
         self.advice = Advice.from_decision(decision, measured, self.machine, fn_name(self._fn) if self._fn else "")
         gear_text = self.describe()
@@ -530,5 +528,5 @@ class AutoGear(Gear):
         return "auto gear (probing)"
 
 
-def _fields(m: Measurements) -> dict[str, Any]:
-    return {name: getattr(m, name) for name in Measurements.__slots__}
+# The auto gear sits above the advisor, which sits above the table: it joins the table itself.
+register_gear(AutoGear.name, AutoGear)

@@ -23,9 +23,8 @@ from types import FrameType
 from typing import Any
 
 from gearshift._cancel import CancelToken
-from gearshift._gears._base import Gear
+from gearshift._gears._base import Gear, run_initializer, timeout_outcome
 from gearshift._task import Batch, Outcome, Result, RunSpec, Task, close_runner, run_batch, run_task
-from gearshift.errors import InitializerError, TaskTimeout
 
 
 class _Alarm(BaseException):
@@ -109,6 +108,8 @@ def _on_alarm(signum: int, frame: FrameType | None) -> None:
 
 
 class SerialGear(Gear):
+    """The caller's own thread: the baseline every speedup is measured against (so it declares no costs)."""
+
     name = "serial"
     chunk_target = 0.005  # batches only save engine round trips here; keep them short
 
@@ -132,11 +133,7 @@ class SerialGear(Gear):
         self._token = CancelToken()
         self._queue.clear()
         self._woken.clear()
-        if spec.initializer is not None:
-            try:
-                spec.initializer(*spec.initargs)
-            except Exception as exc:
-                raise InitializerError(f"initializer {spec.initializer!r} raised {exc!r}") from exc
+        run_initializer(spec)
 
     def submit(self, batch: Batch) -> None:
         self._queue.append(batch)
@@ -160,7 +157,7 @@ class SerialGear(Gear):
         if not _alarms.usable():
             outcome = run_task(batch.fn, task, self._token)
             if outcome.elapsed > limit:
-                return Outcome(task, False, TaskTimeout(limit, task.item, task.index), outcome.elapsed)
+                return timeout_outcome(task, limit, outcome.elapsed)
             return outcome
         start = time.perf_counter()
         entry = _alarms.enter(limit)
@@ -173,7 +170,7 @@ class SerialGear(Gear):
             _alarms.leave(entry)  # the alarm may have struck inside ``leave`` itself
             if alarm.deadline is not entry:
                 raise  # an outer run's deadline: unwind to it
-            return Outcome(task, False, TaskTimeout(limit, task.item, task.index), time.perf_counter() - start)
+            return timeout_outcome(task, limit, time.perf_counter() - start)
 
     def wake(self) -> None:
         self._woken.set()
