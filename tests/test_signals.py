@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -57,6 +58,12 @@ else:
     fast_done.set()
 
 
+def report_threads():
+    # The child's last word on its threads: gearshift's own still alive, printed before the exit line.
+    names = sorted(t.name for t in threading.enumerate() if t.name.startswith("gearshift") and t.is_alive())
+    print("threads", json.dumps(names), flush=True)
+
+
 def announce():
     pids = fl.pids_in(Path(folder), workers, timeout=120)
     fast_done.wait(120)
@@ -91,11 +98,14 @@ try:
         ex.shutdown(wait=True)
 except KeyboardInterrupt as exc:
     partial_results = getattr(exc, "partial_results", None)
+    report_threads()
     print("interrupted", json.dumps(partial_results), flush=True)
     sys.exit(130)
 except SystemExit as exc:
+    report_threads()
     print("exiting", exc.code, json.dumps(getattr(exc, "partial_results", None)), flush=True)
     raise
+report_threads()
 print("finished", flush=True)
 """
 
@@ -131,7 +141,22 @@ def interrupt(child: fl.Child, sig: int, expect: str) -> tuple[str, float, int, 
     return line, took, code, err
 
 
-def assert_all_gone(family: list[psutil.Process], timeout: float = 10.0) -> None:
+def threads_at_exit(child: fl.Child) -> list[str]:
+    """The gearshift threads the child still had when it reported its end (see ``report_threads``)."""
+    lines = [line for line in child.lines if line.startswith("threads ")]
+    assert len(lines) == 1, f"the child reported its threads {len(lines)} times: {child.lines}"
+    names: list[str] = json.loads(lines[0].split(" ", 1)[1])
+    return names
+
+
+def assert_all_gone(child: fl.Child, family: list[psutil.Process], timeout: float = 10.0) -> None:
+    """The child has exited, its descendants follow, and no gearshift thread was left at its last report."""
+    assert child.proc.returncode is not None, "the child is still running"
+    assert_descendants_gone(family, timeout)
+    assert threads_at_exit(child) == [], "gearshift threads still alive when the child reported its end"
+
+
+def assert_descendants_gone(family: list[psutil.Process], timeout: float = 10.0) -> None:
     _, alive = psutil.wait_procs(family, timeout=timeout)
     assert not alive, f"left running after the child ended: {[(p.pid, p.name()) for p in alive]}"
 
@@ -144,7 +169,7 @@ def test_ctrl_c_during_map_raises_keyboard_interrupt_promptly(gear: str, tmp_pat
     assert code == 130, err
     partial = json.loads(line.split(" ", 1)[1])
     assert partial == {str(i): 2 * i for i in range(FAST)}
-    assert_all_gone(family)
+    assert_all_gone(child, family)
 
 
 @pytest.mark.parametrize("gear", GEARS)
@@ -155,17 +180,25 @@ def test_sigterm_during_map_exits_cleanly(gear: str, tmp_path: Path) -> None:
     assert line.startswith("exiting 143 ")
     assert code == 143, err
     assert json.loads(line.split(" ", 2)[2]) == {str(i): 2 * i for i in range(FAST)}
-    assert_all_gone(family)
+    assert_all_gone(child, family)
 
 
-@pytest.mark.parametrize("mode", ["executor", "pool", "shutdown"])
+#: Known gap, kept visible (strict: it fails the day it is fixed, so the mark comes off).
+SHUTDOWN_LEAVES_THREADS = pytest.mark.xfail(
+    strict=True,
+    reason="executor.py _Core.stop: Ctrl-C during Executor.shutdown(wait=True) only sets terminate_at_exit and "
+    "re-raises; workers (and the calls they run) go on until interpreter exit",
+)
+
+
+@pytest.mark.parametrize("mode", ["executor", "pool", pytest.param("shutdown", marks=SHUTDOWN_LEAVES_THREADS)])
 @pytest.mark.parametrize("gear", ["thread", "process", "async"])
 def test_ctrl_c_in_executor_and_pool_leaves_no_orphans(gear: str, mode: str, tmp_path: Path) -> None:
     child, family = start(tmp_path, gear, mode)
     _, took, code, err = interrupt(child, signal.SIGINT, "interrupted")
     assert took < PROMPT, f"KeyboardInterrupt took {took:.1f}s"
     assert code == 130, err
-    assert_all_gone(family)
+    assert_all_gone(child, family)
 
 
 ORPHAN = r"""
@@ -189,9 +222,9 @@ def test_workers_leave_when_their_parent_is_killed(tmp_path: Path) -> None:
         assert len(workers) == 2
         os.kill(child.pid, signal.SIGKILL)
         # Not reaped yet: the dead parent is a zombie, which must not fool the watchdog.
-        assert_all_gone(workers)
+        assert_descendants_gone(workers)
         child.proc.wait(timeout=30)
-        assert_all_gone(family)  # the forkserver and resource tracker (3.14) follow
+        assert_descendants_gone(family)  # the forkserver and resource tracker (3.14) follow
     finally:
         child.close()
 
@@ -203,7 +236,11 @@ def test_ctrl_c_with_a_thread_that_ignores_cancellation_still_exits(gear: str, t
     _, took, code, err = interrupt(child, signal.SIGINT, "interrupted")
     assert took < PROMPT, f"KeyboardInterrupt took {took:.1f}s"
     assert code == 130, err
-    assert_all_gone(family)
+    assert_descendants_gone(family)
+    # Only the workers stuck in the stubborn calls may outlive the run, none of its other threads.
+    left = threads_at_exit(child)
+    assert len(left) <= workers_for(gear), left
+    assert all(re.fullmatch(rf"gearshift-{gear}-\d+", name) for name in left), left
 
 
 @pytest.mark.parametrize("mode", ["imap", "amap"])
@@ -213,7 +250,7 @@ def test_ctrl_c_during_imap_and_amap(gear: str, mode: str, tmp_path: Path) -> No
     _, took, code, err = interrupt(child, signal.SIGINT, "interrupted")
     assert took < PROMPT, f"KeyboardInterrupt took {took:.1f}s"
     assert code == 130, err
-    assert_all_gone(family)
+    assert_all_gone(child, family)
 
 
 @pytest.mark.parametrize("gear", ["thread", "process"])
@@ -222,7 +259,7 @@ def test_sigterm_in_executor_use_kills_the_program_and_its_workers_follow(gear: 
     child, family = start(tmp_path, gear, "executor")
     try:
         os.kill(child.pid, signal.SIGTERM)
-        assert child.proc.wait(timeout=30) == -signal.SIGTERM
+        assert child.proc.wait(timeout=30) == -signal.SIGTERM  # gone, and its threads with it
     finally:
         child.close()
-    assert_all_gone(family)
+    assert_descendants_gone(family)
