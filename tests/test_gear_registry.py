@@ -163,6 +163,13 @@ def test_every_module_imports_in_a_fresh_interpreter() -> None:
     assert not result["failed"], result["failed"]
 
 
+def test_auto_is_in_the_table_once_gearshift_is_imported() -> None:
+    """auto registers itself when imported; ``import gearshift`` (run before any submodule) must import it."""
+    code = "import gearshift._gears as t, sys; print('auto' in t._table)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert done.stdout.strip() == "True", done.stderr
+
+
 @pytest.mark.parametrize("top", range(4), ids=LAYER_NAMES[:4])
 def test_each_layer_imports_without_the_layers_above(top: int) -> None:
     """In a fresh interpreter, the modules up to a layer load without loading any module above it."""
