@@ -21,7 +21,6 @@ from helpers import wait_for as wait_for_file
 
 import gearshift as gs
 from gearshift._task import Batch
-from gearshift.executor import WRAPPER_CACHE
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -141,7 +140,7 @@ def test_finished_calls_bound_methods_are_dropped(gear: str) -> None:
         del futures
         gc.collect()
         alive = sum(ref() is not None for ref in refs)
-        assert alive <= WRAPPER_CACHE + 2, f"{alive} of 500 objects kept alive by a finished executor's calls"
+        assert alive <= 2, f"{alive} of 500 objects kept alive by a finished executor's calls"
     gc.collect()
     assert not any(ref() is not None for ref in refs), "nothing is kept once the executor is shut down"
 
@@ -149,10 +148,12 @@ def test_finished_calls_bound_methods_are_dropped(gear: str) -> None:
 def test_same_bound_method_reuses_its_wrapper() -> None:
     obj = Big()
     with gs.Executor("thread", workers=2) as ex:
-        assert ex._core.wrap(obj.size) is ex._core.wrap(obj.size)
-        for _ in range(3 * WRAPPER_CACHE):
+        kept = ex._core.wrap(obj.size)
+        assert ex._core.wrap(obj.size) is kept, "calls in flight of one function share a wrapper"
+        for _ in range(50):
             ex._core.wrap(Big().size)
-        assert len(ex._core.wrappers) == WRAPPER_CACHE
+        gc.collect()
+        assert list(ex._core.wrappers.values()) == [kept], "wrappers nobody uses are not kept"
 
 
 # -- 5. dropped without shutdown ---------------------------------------------------------------

@@ -21,19 +21,19 @@ import math
 import signal
 import threading
 import time
-import warnings
 from collections import Counter, deque
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Literal
 
+from gearshift._feed import Feed
 from gearshift._gears import Gear
-from gearshift._gears._base import CANCEL_GRACE
 from gearshift._gears.aio import AsyncGear
 from gearshift._progress import Progress, ProgressArg, make_progress
 from gearshift._rate import RateLimiter, parse_rate
 from gearshift._retry import Retry, as_retry
+from gearshift._sources import POLL, _AsyncPuller, _bound_to_its_thread, _Inline, _nothing, _Puller, input_length
 from gearshift._task import Batch, Done, Outcome, Result, RunSpec, Task, format_tb
 from gearshift.errors import Failure, short_repr
 
@@ -41,8 +41,6 @@ ErrorPolicy = Literal["raise", "collect", "skip"]
 ERROR_POLICIES = ("raise", "collect", "skip")
 PullArg = Literal["auto", "thread", "caller"]
 PULL_MODES = ("auto", "thread", "caller")
-#: Longest a driver blocks at once, so the main thread keeps handling signals promptly.
-POLL = 0.25
 #: Largest chunk ever formed, whatever the measurements say.
 MAX_CHUNK = 50_000
 #: Chunks are capped so the known remaining input makes at least this many per worker (tail balance).
@@ -88,232 +86,6 @@ def fn_name(fn: Callable[..., Any]) -> str:
     return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or short_repr(fn, 60)
 
 
-def input_length(items: object) -> int | None:
-    """``len(items)``, or None when it has none (a generator) or cannot say (``range(10**20)``)."""
-    try:
-        return len(items)  # type: ignore[arg-type]
-    except Exception:  # TypeError, OverflowError, or whatever a custom __len__ raises
-        return None
-
-
-def _bound_to_its_thread(items: object) -> bool:
-    """Inputs known to refuse being read from another thread (sqlite3 cursors and connections)."""
-    return type(items).__module__ in ("sqlite3", "_sqlite3")
-
-
-def _nothing() -> None:
-    pass
-
-
-class _Inline:
-    """Input read on the caller's thread: sized inputs, whose next items never block, or ``pull="caller"``."""
-
-    threaded = False
-
-    def __init__(self, items: Iterable[Any]) -> None:
-        self._it = iter(items)
-        self.done = False
-        self.error: BaseException | None = None
-        self.capacity = 1
-
-    @property
-    def exhausted(self) -> bool:
-        return self.done
-
-    def start(self, wake: Callable[[], None]) -> None:
-        pass
-
-    def take(self, n: int, partial_ok: bool) -> list[Any]:
-        if self.done:
-            return []
-        items: list[Any] = []
-        try:
-            items.extend(itertools.islice(self._it, n))  # keeps what came before an exception
-        except Exception as exc:
-            self.error = exc
-            self.done = True
-        else:
-            if len(items) < n:
-                self.done = True
-        return items
-
-    def stop(self) -> None:
-        pass
-
-    def join(self) -> None:
-        pass
-
-
-class _Puller:
-    """Input read by a thread of its own into a buffer of at most ``capacity`` items.
-
-    The scheduler never blocks on it: ``take`` returns what is there. When the scheduler
-    wants items that are not there yet, the thread wakes the gear (``wake``) once they
-    are, so a ``collect`` blocked meanwhile returns and the items are dispatched at once.
-    The buffer is a deque (thread-safe appends and pops) and the hand-shake two flags,
-    each written by one side and read by the other, so the hot path takes no lock.
-    """
-
-    threaded = True
-
-    def __init__(self, items: Iterable[Any], capacity: int) -> None:
-        self._it = iter(items)
-        self._buf: deque[Any] = deque()
-        self.capacity = capacity
-        self._want = 0  # written by the scheduler: wake the gear once the buffer holds this many
-        self._room = threading.Event()
-        self._stopping = False
-        self._wake: Callable[[], None] = _nothing
-        self.done = False  # the input ended or raised: nothing more will be buffered
-        self.error: BaseException | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def exhausted(self) -> bool:
-        return self.done and not self._buf
-
-    def start(self, wake: Callable[[], None]) -> None:
-        self._wake = wake
-        self._thread = threading.Thread(target=self._pull, name="gearshift-source", daemon=True)
-        self._thread.start()
-
-    def _pull(self) -> None:
-        it, buf = self._it, self._buf
-        try:
-            while not self._stopping:
-                if len(buf) >= self.capacity:
-                    self._room.clear()
-                    if len(buf) >= self.capacity and not self._stopping:
-                        self._room.wait(POLL)
-                    continue
-                try:
-                    item = next(it)
-                except StopIteration:
-                    return
-                buf.append(item)
-                want = self._want
-                if want and len(buf) >= want:
-                    self._want = 0
-                    self._call_wake()
-        except BaseException as exc:  # the input's own error: raised after its items are delivered
-            self.error = exc
-        finally:
-            self.done = True
-            self._call_wake()
-
-    def _call_wake(self) -> None:
-        try:
-            self._wake()
-        except Exception:  # the gear closed meanwhile: nobody is waiting
-            pass
-
-    def take(self, n: int, partial_ok: bool) -> list[Any]:
-        """Up to ``n`` buffered items, now; fewer only if ``partial_ok`` or the input ended."""
-        buf = self._buf
-        for second_look in (False, True):
-            done = self.done  # read before the buffer: whatever was appended before it is seen
-            have = len(buf)
-            if have >= n or (have and (partial_ok or done)):
-                items = [buf.popleft() for _ in range(min(n, have))]
-                self._room.set()
-                return items
-            if done or second_look:
-                return []
-            # Ask to be woken, then look once more: the thread may have appended meanwhile.
-            self._want = 1 if partial_ok else n
-        return []
-
-    def stop(self) -> None:
-        """Ask the thread to stop after the item it is reading (non-blocking)."""
-        self._stopping = True
-        self._wake = _nothing
-        self._room.set()
-
-    def join(self) -> None:
-        """Wait for the thread, in slices (Ctrl-C stays prompt), for ``CANCEL_GRACE`` at most.
-
-        A thread can only stop between items: one blocked inside the input (a socket that
-        never answers) is left to finish on its own, named in a RuntimeWarning.
-        """
-        self.stop()
-        thread = self._thread
-        if thread is None:
-            return
-        deadline = time.monotonic() + CANCEL_GRACE
-        while thread.is_alive() and time.monotonic() < deadline:
-            thread.join(0.05)
-        self._buf.clear()
-        if thread.is_alive():
-            warnings.warn(
-                f"gearshift: the input iterator {short_repr(self._it, 60)} did not return its next item "
-                f"within {CANCEL_GRACE}s of the run's end; its thread ({thread.name}) is left to finish on "
-                "its own. Pass pull='caller' to read the input on the calling thread instead.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-
-
-class _AsyncPuller(_Puller):
-    """An async iterable read by a task on the caller's loop (``gs.amap``), into the same bounded buffer."""
-
-    threaded = False
-
-    def __init__(self, items: Any, capacity: int) -> None:
-        super().__init__((), capacity)
-        self._ait = items
-        self._task: Any = None
-        self._aroom: Any = None
-
-    def start(self, wake: Callable[[], None]) -> None:
-        import asyncio
-
-        self._wake = wake
-        self._aroom = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._apull())
-
-    async def _apull(self) -> None:
-        buf = self._buf
-        try:
-            async for item in self._ait:
-                buf.append(item)
-                want = self._want
-                if want and len(buf) >= want:
-                    self._want = 0
-                    self._call_wake()
-                while len(buf) >= self.capacity and not self._stopping:
-                    self._aroom.clear()
-                    await self._aroom.wait()
-                if self._stopping:
-                    return
-        except Exception as exc:  # the input's own error: raised after its items are delivered
-            self.error = exc
-        finally:
-            self.done = True
-            self._call_wake()
-
-    def take(self, n: int, partial_ok: bool) -> list[Any]:
-        items = super().take(n, partial_ok)
-        if items and self._aroom is not None:
-            self._aroom.set()
-        return items
-
-    def stop(self) -> None:
-        super().stop()
-        if self._task is not None:
-            self._task.cancel()
-
-    def join(self) -> None:
-        self.stop()
-
-    async def ajoin(self) -> None:
-        """Wait for the cancelled pulling task (it stops at its next ``await``)."""
-        import asyncio
-
-        self.stop()
-        if self._task is not None:
-            await asyncio.gather(self._task, return_exceptions=True)
-        self._buf.clear()
-
 
 class Scheduler:
     """Admission, chunking, retries, error policy and ordering for one run (no I/O)."""
@@ -321,7 +93,7 @@ class Scheduler:
     def __init__(
         self,
         fn: Callable[[Any], Any],
-        items: Iterable[Any] | AsyncIterable[Any],
+        items: Iterable[Any] | AsyncIterable[Any] | Feed,
         gear: Gear,
         *,
         ordered: bool = True,
@@ -346,8 +118,11 @@ class Scheduler:
         self._fixed_chunk = None if chunksize == "auto" else chunksize
         self._limiter = None if rate is None else RateLimiter(parse_rate(rate))
         self.total: int | None = input_length(items)
-        self._source: _Inline | _Puller
-        if hasattr(items, "__aiter__") and not hasattr(items, "__iter__"):
+        self._feed: Feed | None = items if isinstance(items, Feed) else None
+        self._source: _Inline | _Puller | Feed
+        if self._feed is not None:
+            self._source = self._feed
+        elif hasattr(items, "__aiter__") and not hasattr(items, "__iter__"):
             self._source = _AsyncPuller(items, max(1, gear.window(1)))
         elif pull == "caller" or (pull == "auto" and (self.total is not None or _bound_to_its_thread(items))):
             self._source = _Inline(items)  # type: ignore[arg-type]
@@ -444,13 +219,14 @@ class Scheduler:
                     break
                 limiter.take(1)
             _, _, task = heapq.heappop(self._retry_heap)
-            batches.append(Batch(self.fn, [task]))
+            batches.append(Batch(self.fn if self._feed is None else self._feed.fn_for(task.index), [task]))
             self._outstanding += 1
         source = self._source
         if source.error is not None and not isinstance(source.error, Exception):
             raise source.error  # SystemExit or the like from the input: stop now, not after its items
+        feed = self._feed
         while not self._rate_wait and not source.exhausted:
-            chunk = self.chunk_size()
+            chunk = self.chunk_size() if feed is None or feed.chunk_hint is None else feed.chunk_hint
             window = self._window(chunk)
             if self._outstanding >= window or self._admitted - self._outstanding >= 2 * window:
                 break
@@ -469,7 +245,10 @@ class Scheduler:
                 break
             if limiter is not None:
                 limiter.take(n)
-            batches.append(Batch.run(self.fn, self._next_index, items))
+            fn = self.fn
+            if feed is not None and feed.batch_fn is not None:
+                fn, feed.batch_fn = feed.batch_fn, None  # the feed keeps no finished call's function
+            batches.append(Batch.run(fn, self._next_index, items))
             self._next_index += n
             self._outstanding += n
             self._admitted += n
@@ -632,32 +411,43 @@ def _raise_exit(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
-def drive(scheduler: Scheduler, gear: Gear, spec: RunSpec) -> Iterator[list[tuple[int, Any]]]:
+def _submit_all(gear: Gear, batches: list[Batch]) -> None:
+    for batch in batches:
+        gear.submit(batch)
+
+
+def drive(
+    scheduler: Scheduler, gear: Gear, spec: RunSpec, *, claim: bool = True, opened: Callable[[], None] = _nothing
+) -> Iterator[list[tuple[int, Any]]]:
     """Run ``scheduler`` on ``gear`` from sync code, yielding lists of ``(index, result)``.
 
     Lists, not pairs: one generator hand-off per batch of results, not per result.
-    The gear is claimed for the run (a second run on it is refused) and released at its end.
+    The gear is claimed for the run (a second run on it is refused) and released at its end,
+    unless the caller holds it already (``claim=False``: an Executor holds its gear for its
+    life). ``opened`` is called once the gear is open (its workers forked).
     """
     if scheduler.reads_async:
         raise TypeError("the input is an async iterable: read it with `async for r in gs.amap(...)`")
-    gear.claim()
+    if claim:
+        gear.claim()
     ok = False
     try:
         gear.check(scheduler.fn)
         gear.open(spec)
+        opened()
         try:
             scheduler.start(gear.wake)
             with _SigTerm():
                 while True:
-                    for batch in scheduler.take_batches(time.monotonic()):
-                        gear.submit(batch)
+                    _submit_all(gear, scheduler.take_batches(time.monotonic()))
                     if scheduler.ready:
                         yield scheduler.take_ready()
                     if scheduler.finished:
                         scheduler.raise_input_error()
                         break
-                    outcomes = gear.collect(scheduler.wait_timeout(time.monotonic()))
-                    scheduler.complete(outcomes, time.monotonic())
+                    # No locals for batches or outcomes: a finished call's items and result must
+                    # not live on in this frame while the next collect waits (an Executor's idle).
+                    scheduler.complete(gear.collect(scheduler.wait_timeout(time.monotonic())), time.monotonic())
             ok = True
         finally:
             scheduler.stop()
@@ -666,7 +456,8 @@ def drive(scheduler: Scheduler, gear: Gear, spec: RunSpec) -> Iterator[list[tupl
             finally:
                 scheduler.join()
     finally:
-        gear.release()
+        if claim:
+            gear.release()
         scheduler.finish()
 
 

@@ -7,17 +7,16 @@ lambdas work in processes, and a crashed worker fails only its own task.
 
 from __future__ import annotations
 
-import itertools
 import multiprocessing
-import weakref
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, wait
 from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import Any
 
+from gearshift._feed import Stream
 from gearshift._gears import Gear
-from gearshift.executor import Executor, chunk_runner
+from gearshift.errors import Failure
+from gearshift.executor import Executor, Results, _Buffer, _Core, _Each, _Escaped, _Spread
 
 __all__ = ["AsyncResult", "Pool"]
 
@@ -30,16 +29,13 @@ class AsyncResult:
         future: Future[Any],
         callback: Callable[[Any], object] | None = None,
         error_callback: Callable[[BaseException], object] | None = None,
-        flatten: bool = False,
     ) -> None:
         self._future = future
-        self._flatten = flatten
         if callback is not None or error_callback is not None:
             future.add_done_callback(lambda f: self._call_back(f, callback, error_callback))
 
     def _value(self) -> Any:
-        value = self._future.result()
-        return list(itertools.chain.from_iterable(value)) if self._flatten else value
+        return self._future.result()
 
     def _call_back(
         self,
@@ -75,81 +71,31 @@ class AsyncResult:
         return not self._future.cancelled() and self._future.exception() is None
 
 
-class _Gathered(Future[Any]):
-    """One future for many (``map_async``): done when all are, failing with the first error."""
+class _ListSink:
+    """``map_async``'s results: a list in input order, or the first failure, on one future."""
 
-    def __init__(self, futures: list[Future[Any]]) -> None:
-        super().__init__()
-        self.set_running_or_notify_cancel()
-        self._futures = futures
-        self._left = len(futures)
-        if not futures:
-            self.set_result([])
-        for future in futures:
-            future.add_done_callback(self._one_done)
+    def __init__(self, core: _Core, n: int, future: Future[Any]) -> None:
+        self.core = core
+        self.values: list[Any] = [None] * n
+        self.left = n
+        self.future = future
 
-    def _one_done(self, future: Future[Any]) -> None:
-        with self._condition:
-            if self.done():
-                return
-            self._left -= 1
-            left = self._left
-        if future.cancelled() or future.exception() is not None:
-            try:
-                self.set_exception(future.exception() if not future.cancelled() else RuntimeError("cancelled"))
-            except Exception:
-                pass
-        elif left == 0:
-            self.set_result([f.result() for f in self._futures])
+    def deliver(self, pos: int, value: Any) -> None:
+        if isinstance(value, Failure):
+            exc = value.exception
+            self.core.complete(self.future, Future.set_exception, exc.exc if isinstance(exc, _Escaped) else exc)
+            return
+        self.values[pos] = value
+        self.left -= 1
+        if self.left == 0:
+            self.core.complete(self.future, Future.set_result, self.values)
 
+    def end(self, count: int, error: BaseException | None) -> None:
+        if not self.values:
+            self.core.complete(self.future, Future.set_result, [])
 
-def _cancel_all(inflight: deque[Future[Any]]) -> None:
-    for future in inflight:
-        future.cancel()
-
-
-class _IMapIterator(Iterator[Any]):
-    """``Pool.imap``'s results: lazily, at most ``window`` chunks in flight.
-
-    As multiprocessing's, it goes on after an error: ``next()`` raises the failed chunk's
-    error once, and the next call returns the following results. Chunks still in flight
-    when it is dropped are cancelled.
-    """
-
-    def __init__(
-        self, executor: Executor, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int, window: int,
-        ordered: bool,
-    ) -> None:
-        self._executor = executor
-        self._runner = chunk_runner(func)
-        self._args = ((item,) for item in iterable)
-        self._chunksize = chunksize
-        self._window = window
-        self._ordered = ordered
-        self._inflight: deque[Future[Any]] = deque()
-        self._ready: deque[Any] = deque()
-        self._finalizer = weakref.finalize(self, _cancel_all, self._inflight)
-
-    def __next__(self) -> Any:
-        while not self._ready:
-            self._fill()
-            if not self._inflight:
-                self._finalizer()
-                raise StopIteration
-            self._ready.extend(self._take().result())  # a failed chunk raises here, and is gone
-        return self._ready.popleft()
-
-    def _fill(self) -> None:
-        while len(self._inflight) < self._window and (chunk := list(itertools.islice(self._args, self._chunksize))):
-            self._inflight.append(self._executor.submit(self._runner, chunk))
-
-    def _take(self) -> Future[Any]:
-        if self._ordered:
-            return self._inflight.popleft()
-        done, _ = wait(self._inflight, return_when=FIRST_COMPLETED)
-        future = next(iter(done))
-        self._inflight.remove(future)
-        return future
+    def abandon(self, exc: BaseException) -> None:
+        self.core.complete(self.future, Future.set_exception, exc)
 
 
 class Pool:
@@ -212,14 +158,31 @@ class Pool:
         return AsyncResult(future, callback, error_callback)
 
     # -- many calls -----------------------------------------------------------------------
-    def _submit_chunks(
-        self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int | None, star: bool
-    ) -> list[Future[Any]]:
+    def _stream(
+        self, func: Callable[..., Any], items: Iterable[Any], sink: Any, chunksize: int | None, star: bool,
+        lazy: bool = False,
+    ) -> Stream:
+        """Queue one stream of calls on the pool's engine run."""
         self._check_running()
-        calls = [tuple(args) if star else (args,) for args in iterable]
-        size = self._chunksize(len(calls), chunksize)
-        runner = chunk_runner(func)
-        return [self._executor.submit(runner, calls[i : i + size]) for i in range(0, len(calls), size)]
+        core = self._executor._core
+        with core.lock:
+            stream = Stream(core.wrap(func, _Spread if star else _Each), items, sink, chunk=chunksize, lazy=lazy,
+                            drop_partial=lazy)
+            core.put(stream)
+        return stream
+
+    def _map_async(
+        self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int | None, star: bool,
+        callback: Callable[[Any], object] | None, error_callback: Callable[[BaseException], object] | None,
+    ) -> AsyncResult:
+        self._check_running()
+        items = iterable if isinstance(iterable, list) else list(iterable)
+        future: Future[Any] = Future()
+        future.set_running_or_notify_cancel()
+        result = AsyncResult(future, callback, error_callback)
+        self._stream(func, items, _ListSink(self._executor._core, len(items), future),
+                     self._chunksize(len(items), chunksize), star)
+        return result
 
     def map(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int | None = None) -> list[Any]:
         return self.map_async(func, iterable, chunksize).get()  # type: ignore[no-any-return]
@@ -237,8 +200,7 @@ class Pool:
         callback: Callable[[Any], object] | None = None,
         error_callback: Callable[[BaseException], object] | None = None,
     ) -> AsyncResult:
-        futures = self._submit_chunks(func, iterable, chunksize, star=False)
-        return AsyncResult(_Gathered(futures), callback, error_callback, flatten=True)
+        return self._map_async(func, iterable, chunksize, False, callback, error_callback)
 
     def starmap_async(
         self,
@@ -248,23 +210,23 @@ class Pool:
         callback: Callable[[Any], object] | None = None,
         error_callback: Callable[[BaseException], object] | None = None,
     ) -> AsyncResult:
-        futures = self._submit_chunks(func, iterable, chunksize, star=True)
-        return AsyncResult(_Gathered(futures), callback, error_callback, flatten=True)
+        return self._map_async(func, iterable, chunksize, True, callback, error_callback)
 
-    def imap(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int = 1) -> Iterator[Any]:
-        """Results in order, lazily; at most a few chunks per worker are in flight."""
-        self._check_running()
+    def imap(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int = 1) -> Results:
+        """Results in order, lazily: the input is read ahead only as far as the engine's window."""
         return self._imap(func, iterable, chunksize, ordered=True)
 
-    def imap_unordered(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int = 1) -> Iterator[Any]:
+    def imap_unordered(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int = 1) -> Results:
         """Results as they complete, lazily."""
-        self._check_running()
         return self._imap(func, iterable, chunksize, ordered=False)
 
-    def _imap(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int, ordered: bool) -> Iterator[Any]:
+    def _imap(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int, ordered: bool) -> Results:
+        self._check_running()
         if chunksize < 1:
-            raise ValueError(f"chunksize must be >= 1, got {chunksize}")
-        return _IMapIterator(self._executor, func, iterable, chunksize, 4 * self.workers, ordered)
+            raise ValueError(f"Chunksize must be 1+, not {chunksize:n}")
+        buffer = _Buffer(ordered)
+        stream = self._stream(func, iterable, buffer, chunksize, star=False, lazy=True)
+        return Results(self._executor._core, buffer, stream, goes_on=True)
 
     # -- lifecycle ------------------------------------------------------------------------
     def close(self) -> None:

@@ -1,0 +1,263 @@
+"""An open-ended source for the scheduler: the submissions of an Executor or a Pool.
+
+A ``Feed`` is a queue of *streams*, each one function over some items with a ``Sink`` that
+takes their results: ``submit`` puts a stream of one call, ``Pool.map`` one of a list,
+``Pool.imap`` one of a lazy iterable (read by a thread of its own, bounded, as ``gs.imap``'s
+input is). The scheduler reads the feed as it reads any input: it takes batches, each from
+one stream (so one function), numbers the items, and hands back ``(index, result)`` pairs,
+which ``deliver`` routes to the stream's sink. Admission, the in-flight window, chunking,
+retries, rate and timeouts stay in the scheduler: the fronts only make streams and sinks.
+
+The feed ends when it is closed and its streams are drained; ``terminate`` ends it at once.
+Threads: ``put`` and ``close`` from any thread; ``take``, ``deliver`` from the driver's.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+from gearshift._sources import _Inline, _nothing, _Puller
+
+
+class Sink(Protocol):
+    """Where a stream's results go. Called on the driver's thread: must not block."""
+
+    def deliver(self, pos: int, value: Any) -> None:
+        """The result (or ``gs.Failure``) of the stream's item at position ``pos``."""
+
+    def end(self, count: int, error: BaseException | None) -> None:
+        """The stream gave ``count`` items (then raised ``error``); results may still follow."""
+
+    def abandon(self, exc: BaseException) -> None:
+        """The stream's outstanding items will never finish (terminated, broken): fail them."""
+
+
+class Stream:
+    """One function over items, with the sink for their results.
+
+    ``chunk``: the batch size this stream asks for (``Pool.map``'s ``chunksize``), else the
+    scheduler's own. ``drop_partial``: when the items' iterator raises, the incomplete chunk
+    before the error is dropped (``multiprocessing.Pool.imap``'s behaviour). ``admit``, for a
+    single call, is asked as the call is taken: False skips it (its future was cancelled).
+    """
+
+    __slots__ = ("admit", "cancelled", "chunk", "drop_partial", "fn", "single", "sink", "source", "taken")
+
+    def __init__(
+        self,
+        fn: Callable[[Any], Any],
+        items: Iterable[Any],
+        sink: Sink,
+        *,
+        chunk: int | None = None,
+        lazy: bool = False,
+        drop_partial: bool = False,
+        admit: Callable[[], bool] | None = None,
+    ) -> None:
+        self.fn = fn
+        self.sink = sink
+        self.chunk = chunk
+        self.drop_partial = drop_partial
+        self.admit = admit
+        self.source: _Inline | _Puller = _Puller(items, max(1, chunk or 1)) if lazy else _Inline(items)
+        self.taken = 0
+        self.cancelled = False
+        self.single = False
+
+    @classmethod
+    def call(cls, fn: Callable[[Any], Any], item: Any, sink: Sink, admit: Callable[[], bool] | None = None) -> Stream:
+        """A stream of one item (``submit``): a batch of its own, as each call is in the stdlib's
+        executors (two calls in one batch would run one after the other, and one that waits
+        for the other would wait forever)."""
+        stream = cls(fn, (item,), sink, chunk=1, admit=admit)
+        stream.single = True
+        return stream
+
+
+class Feed:
+    """Streams in, batches out; see the module docstring."""
+
+    threaded = False
+    routed = True
+
+    def __init__(self) -> None:
+        self._streams: deque[Stream] = deque()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._wake: Callable[[], None] = _nothing
+        self._started = False
+        self._routes: dict[int, tuple[Stream, int]] = {}
+        self._next = 0
+        self._threads: list[Stream] = []  # lazy streams whose reading thread may still run
+        self.capacity = 1
+        self.done = False
+        self.error: BaseException | None = None
+        #: The function of the batch ``take`` returned last (all its items share it).
+        self.batch_fn: Callable[[Any], Any] | None = None
+        #: The chunk size the head stream asks for, if it asks (read by the scheduler).
+        self.chunk_hint: int | None = None
+
+    # -- any thread -----------------------------------------------------------------------
+    def put(self, stream: Stream) -> None:
+        """Queue ``stream``; raises RuntimeError once the feed is closed."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot schedule new work after shutdown")
+            self._streams.append(stream)
+            if self._started:
+                self._start(stream)
+            if len(self._streams) == 1:
+                self.chunk_hint = stream.chunk
+        self._wake()
+
+    def close(self) -> None:
+        """No more streams: the run ends once the queued ones are done."""
+        with self._lock:
+            self._closed = True
+        self._wake()
+
+    def cancel_queued(self) -> list[Stream]:
+        """Drop every stream no item of which was taken yet, and return them (for their sinks)."""
+        with self._lock:
+            dropped = [s for s in self._streams if s.taken == 0]
+            self._streams = deque(s for s in self._streams if s.taken)
+            self._refresh_hint()
+        for stream in dropped:
+            stream.source.stop()
+        return dropped
+
+    def terminate(self, exc: BaseException) -> None:
+        """End the run now: the scheduler raises ``exc`` (a BaseException) at its next admission."""
+        with self._lock:
+            self._closed = True
+            self.error = exc
+            self.done = True
+        self._wake()
+
+    def stop_stream(self, stream: Stream) -> None:
+        """Take no more items from ``stream`` (its consumer went away); running ones finish."""
+        stream.cancelled = True
+        stream.source.stop()
+        self._wake()
+
+    # -- the scheduler's side (the driver's thread) ----------------------------------------
+    @property
+    def exhausted(self) -> bool:
+        return self.done
+
+    def start(self, wake: Callable[[], None]) -> None:
+        with self._lock:
+            self._wake = wake
+            self._started = True
+            for stream in self._streams:
+                self._start(stream)
+
+    def _start(self, stream: Stream) -> None:
+        stream.source.start(self._wake)
+        if stream.source.threaded:
+            self._threads = [s for s in self._threads if not s.source.done]
+            self._threads.append(stream)
+
+    def take(self, n: int, partial_ok: bool) -> list[Any]:
+        """Up to ``n`` items of the head stream (never mixing functions); [] when none is ready."""
+        with self._lock:
+            while self._streams:
+                stream = self._streams[0]
+                items = self._take_from(stream, n)
+                if items:
+                    if stream.single:  # done with: let it go now (its sink lives on in the routes)
+                        self._streams.popleft()
+                        self._refresh_hint()
+                    return items
+                if not self._finished(stream):
+                    return []  # the head stream's next items are not there yet
+                self._streams.popleft()
+                self._refresh_hint()
+                stream.sink.end(stream.taken, None if stream.cancelled else stream.source.error)
+            if self._closed:
+                self.done = True
+            return []
+
+    def _take_from(self, stream: Stream, n: int) -> list[Any]:
+        if stream.cancelled:
+            return []
+        source = stream.source
+        size = stream.chunk or n
+        if stream.admit is not None and not stream.admit():  # a single call whose future was cancelled
+            source.done = True
+            return []
+        if source.capacity < size:
+            source.capacity = size
+        items = source.take(size, partial_ok=False)
+        if stream.drop_partial and len(items) < size and source.error is not None:
+            items = []  # the chunk the iterator raised in is dropped, as multiprocessing's imap does
+        self._assign(stream, items)
+        return items
+
+    def _assign(self, stream: Stream, items: list[Any]) -> None:
+        routes, index = self._routes, self._next
+        for pos in range(stream.taken, stream.taken + len(items)):
+            routes[index] = (stream, pos)
+            index += 1
+        self._next = index
+        stream.taken += len(items)
+        self.batch_fn = stream.fn
+
+    @staticmethod
+    def _finished(stream: Stream) -> bool:
+        return stream.cancelled or stream.source.exhausted or (stream.source.done and stream.drop_partial)
+
+    def _refresh_hint(self) -> None:
+        self.chunk_hint = self._streams[0].chunk if self._streams else None
+
+    def fn_for(self, index: int) -> Callable[[Any], Any]:
+        """The function of the item numbered ``index`` (for a retry)."""
+        return self._routes[index][0].fn
+
+    def deliver(self, index: int, value: Any) -> None:
+        """Route one result to its stream's sink (dropped if the stream's consumer went away)."""
+        stream, pos = self._routes.pop(index)
+        if not stream.cancelled:
+            stream.sink.deliver(pos, value)
+
+    def cancel_started(self) -> None:
+        """Ask the sinks of items already taken to cancel what no worker has started yet."""
+        for stream in {id(s): s for s, _ in self._routes.copy().values()}.values():
+            cancel = getattr(stream.sink, "cancel", None)
+            if cancel is not None:
+                cancel()
+
+    def abandon_all(self, exc: BaseException) -> None:
+        """Fail everything taken and not finished, and everything queued (the run ended abnormally)."""
+        with self._lock:
+            streams = list(self._streams)
+            self._streams.clear()
+            self._closed = True
+            self.done = True
+        seen: set[int] = set()
+        for stream, _ in self._routes.values():
+            if id(stream) not in seen:
+                seen.add(id(stream))
+                stream.sink.abandon(exc)
+        self._routes.clear()
+        for stream in streams:
+            stream.source.stop()
+            if id(stream) not in seen:
+                stream.sink.abandon(exc)
+
+    def stop(self) -> None:
+        """Stop every stream's reading thread (without waiting)."""
+        with self._lock:
+            streams = [*self._streams, *self._threads]
+        for stream in streams:
+            stream.source.stop()
+
+    def join(self) -> None:
+        """Wait for the reading threads (a grace period each, as ``gs.imap``'s input gets)."""
+        with self._lock:
+            streams, self._threads = self._threads, []
+        for stream in streams:
+            stream.source.join()
