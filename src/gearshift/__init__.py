@@ -14,9 +14,19 @@ from gearshift._advisor import Advice, advise
 from gearshift._api import ResultIterator, Results, amap, imap, map
 from gearshift._cancel import CancelToken, cancel_token, cancelled
 from gearshift._engine import Report
-from gearshift._gears import AsyncGear, Gear, ProcessGear, SerialGear, ThreadGear
-from gearshift._gears.auto import AutoGear
+from gearshift._gears import (
+    AsyncGear,
+    Gear,
+    GearCosts,
+    GearLoadError,
+    ProcessGear,
+    SerialGear,
+    ThreadGear,
+    register_gear,
+)
+from gearshift._gears.auto import AutoGear  # importing it registers gear="auto"
 from gearshift._retry import Retry
+from gearshift._task import Batch, Done, Outcome, RunSpec
 from gearshift.errors import (
     Failure,
     GearshiftError,
@@ -35,16 +45,21 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Advice",
-    "AutoGear",
     "AsyncGear",
     "AsyncResult",
+    "AutoGear",
+    "Batch",
     "BrokenExecutor",
     "CancelToken",
+    "Done",
     "Executor",
     "Failure",
     "Gear",
+    "GearCosts",
+    "GearLoadError",
     "GearshiftError",
     "InitializerError",
+    "Outcome",
     "Pool",
     "ProcessGear",
     "RemoteError",
@@ -53,6 +68,7 @@ __all__ = [
     "ResultIterator",
     "Results",
     "Retry",
+    "RunSpec",
     "SerialGear",
     "TaskCancelled",
     "TaskTimeout",
@@ -65,4 +81,5 @@ __all__ = [
     "cancelled",
     "imap",
     "map",
+    "register_gear",
 ]

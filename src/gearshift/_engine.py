@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Literal
 
+from gearshift._calls import fn_name
 from gearshift._feed import Feed
 from gearshift._gears import Gear
 from gearshift._gears.aio import AsyncGear
@@ -80,10 +81,6 @@ class Report:
             lines.append("failures: " + ", ".join(f"{k} x{v}" for k, v in self.failures_by_type.most_common()))
         lines.extend(f"why: {reason}" for reason in self.reasons)
         return "\n".join(lines)
-
-
-def fn_name(fn: Callable[..., Any]) -> str:
-    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or short_repr(fn, 60)
 
 
 

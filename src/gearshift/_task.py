@@ -9,7 +9,6 @@ functions work everywhere.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import itertools
 import threading
 import time
@@ -37,6 +36,9 @@ class Batch:
     Fresh input comes as consecutive items (``Batch.run(fn, start, items)``): no object
     per item, which is what keeps tiny tasks cheap. Retries and re-runs come as explicit
     ``Task`` lists (``Batch(fn, tasks)``). ``tasks`` materialises either form.
+
+    Provisional: public for gear authors (docs/gears.md); may change until the pipeline and the
+    new gears have used it.
     """
 
     __slots__ = ("_tasks", "attempt", "fn", "items", "start")
@@ -80,7 +82,11 @@ class Batch:
 
 @dataclass(slots=True)
 class Outcome:
-    """What running one task gave: a value, or an exception with its formatted traceback."""
+    """What running one task gave: a value, or an exception with its formatted traceback.
+
+    Provisional: public for gear authors (docs/gears.md); may change until the pipeline and the
+    new gears have used it.
+    """
 
     task: Task
     ok: bool
@@ -94,6 +100,9 @@ class Done:
     """Consecutive items of ``batch`` that all succeeded: positions ``first``, ``first + 1``...
 
     The fast path: one object per run of successes instead of one per item.
+
+    Provisional: public for gear authors (docs/gears.md); may change until the pipeline and the
+    new gears have used it.
     """
 
     batch: Batch
@@ -129,7 +138,11 @@ def count(results: list[Result]) -> int:
 
 @dataclass(frozen=True, slots=True)
 class RunSpec:
-    """Per-run options every gear honours in its own way."""
+    """Per-run options every gear honours in its own way.
+
+    Provisional: public for gear authors (docs/gears.md); may change until the pipeline and the
+    new gears have used it.
+    """
 
     timeout: float | None = None
     initializer: Callable[..., Any] | None = None
@@ -166,7 +179,7 @@ def run_coroutine(coro: Any) -> Any:
 def call(fn: Callable[[Any], Any], item: Any) -> Any:
     """Run ``fn(item)``; a coroutine it returns is run to completion on this thread's loop."""
     result = fn(item)
-    if inspect.iscoroutine(result):
+    if type(result) is CoroutineType:
         return _runner().run(result)
     return result
 

@@ -46,9 +46,9 @@ def _fail(message: str, code: int = EXIT_USAGE) -> None:
 
 
 def _gear_choices() -> list[str]:
-    from gearshift._cli.run import GEAR_NAMES
+    from gearshift._gears import gear_names
 
-    return list(GEAR_NAMES)
+    return gear_names()
 
 
 def _input_format(path: str, fmt: str | None) -> Format:

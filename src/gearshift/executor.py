@@ -31,10 +31,10 @@ from concurrent.futures import Future
 from types import MethodType, TracebackType
 from typing import Any
 
+from gearshift._calls import is_async_callable
 from gearshift._engine import Scheduler, drive
 from gearshift._feed import Feed, Stream
 from gearshift._gears import Gear, make_gear
-from gearshift._gears.aio import is_async_callable
 from gearshift._rate import parse_rate
 from gearshift._retry import Retry, as_retry
 from gearshift._task import RunSpec

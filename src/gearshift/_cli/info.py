@@ -20,8 +20,7 @@ def _version(name: str) -> str | None:
 
 
 def collect() -> dict[str, str]:
-    from gearshift._cli.run import GEAR_NAMES
-    from gearshift._gears import cpu_count
+    from gearshift._gears import cpu_count, gear_names
     from gearshift._gears.process import default_start_method
 
     free_threaded = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
@@ -43,7 +42,7 @@ def collect() -> dict[str, str]:
         "cores": f"{cpu_count()} usable (of {os.cpu_count()} on the machine)",
         "event loop": f"uvloop {uvloop}" if uvloop else "asyncio (pip install 'gearshift[fast]' for uvloop)",
         "start method": f"{default_start_method()} (multiprocessing's default: {mp_default})",
-        "gears": ", ".join(GEAR_NAMES),
+        "gears": ", ".join(gear_names()),
     }
     for name in OPTIONAL:
         facts[name] = _version(name) or "not installed"

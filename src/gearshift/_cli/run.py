@@ -29,7 +29,6 @@ from gearshift._cli import guard
 from gearshift._cli.inputs import Format, Item, check_readable, count_inputs, display_name, read_items
 from gearshift._cli.outputs import RecordWriter, Recovered, recover, safe_str
 from gearshift._cli.target import MalformedInput, make_call
-from gearshift._gears import GEARS
 from gearshift._retry import Retry
 
 EXIT_OK = 0
@@ -39,9 +38,6 @@ EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 
 ErrorsArg = Literal["raise", "collect", "skip"]
-
-
-GEAR_NAMES = (*GEARS, "auto")
 
 
 class _NoRetryOnMalformed(Retry):
