@@ -207,16 +207,36 @@ class _DropIn(Executor):
             self._breaker = threading.Thread(target=Executor.terminate, args=(self,), name="gearshift-dropin-break")
             self._breaker.start()
 
-    def map(
+    if sys.version_info >= (3, 14):
+
+        def map(  # type: ignore[override]
+            self,
+            fn: Callable[..., Any],
+            *iterables: Iterable[Any],
+            timeout: float | None = None,
+            chunksize: int = 1,
+            buffersize: int | None = None,
+        ) -> Iterator[Any]:
+            """The stdlib's ``map``: calls submitted now (``buffersize`` ahead); ``timeout``: a deadline for all."""
+            return self._map(fn, iterables, timeout, chunksize, {"buffersize": buffersize})
+
+    else:
+
+        def map(  # type: ignore[override]
+            self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None, chunksize: int = 1
+        ) -> Iterator[Any]:
+            """The stdlib's ``map``: every call submitted now; ``timeout``: a deadline for them all."""
+            return self._map(fn, iterables, timeout, chunksize, {})
+
+    def _map(
         self,
         fn: Callable[..., Any],
-        *iterables: Iterable[Any],
-        timeout: float | None = None,
-        chunksize: int = 1,
-        **kwargs: Any,
+        iterables: tuple[Iterable[Any], ...],
+        timeout: float | None,
+        chunksize: int,
+        extra: dict[str, Any],
     ) -> Iterator[Any]:
-        """The stdlib's ``Executor.map``: all calls submitted now, ``timeout`` a deadline for all."""
-        return _cf.Executor.map(self, fn, *iterables, timeout=timeout, **kwargs)
+        return _cf.Executor.map(self, fn, *iterables, timeout=timeout, **extra)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._state_lock:
@@ -409,18 +429,18 @@ class ProcessPoolExecutor(_DropIn):
     def _broken_message(self, exc: BaseException) -> str:
         return self.CRASHED if isinstance(exc, WorkerCrashed) else self.INIT_FAILED
 
-    def map(
+    def _map(
         self,
         fn: Callable[..., Any],
-        *iterables: Iterable[Any],
-        timeout: float | None = None,
-        chunksize: int = 1,
-        **kwargs: Any,
+        iterables: tuple[Iterable[Any], ...],
+        timeout: float | None,
+        chunksize: int,
+        extra: dict[str, Any],
     ) -> Iterator[Any]:
-        """The stdlib's: argument tuples travel ``chunksize`` at a time; ``timeout`` bounds the whole map."""
+        """As the stdlib's: argument tuples travel ``chunksize`` at a time."""
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
-        chunks = _cf.Executor.map(self, _RunChunk(fn), _chunked(iterables, chunksize), timeout=timeout, **kwargs)
+        chunks = _cf.Executor.map(self, _RunChunk(fn), _chunked(iterables, chunksize), timeout=timeout, **extra)
         return _flatten(chunks)
 
     @property
