@@ -183,15 +183,7 @@ def test_sigterm_during_map_exits_cleanly(gear: str, tmp_path: Path) -> None:
     assert_all_gone(child, family)
 
 
-#: Known gap, kept visible (strict: it fails the day it is fixed, so the mark comes off).
-SHUTDOWN_LEAVES_THREADS = pytest.mark.xfail(
-    strict=True,
-    reason="executor.py _Core.stop: Ctrl-C during Executor.shutdown(wait=True) only sets terminate_at_exit and "
-    "re-raises; workers (and the calls they run) go on until interpreter exit",
-)
-
-
-@pytest.mark.parametrize("mode", ["executor", "pool", pytest.param("shutdown", marks=SHUTDOWN_LEAVES_THREADS)])
+@pytest.mark.parametrize("mode", ["executor", "pool", "shutdown"])
 @pytest.mark.parametrize("gear", ["thread", "process", "async"])
 def test_ctrl_c_in_executor_and_pool_leaves_no_orphans(gear: str, mode: str, tmp_path: Path) -> None:
     child, family = start(tmp_path, gear, mode)

@@ -14,6 +14,7 @@ Threads: ``put`` and ``close`` from any thread; ``take``, ``deliver`` from the d
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -21,12 +22,17 @@ from typing import Any, Protocol
 
 from gearshift._sources import _Inline, _nothing, _Puller
 
+#: Fewest items a lazy stream's thread may read ahead of the engine.
+READ_AHEAD = 32
+
 
 class Sink(Protocol):
     """Where a stream's results go. Called on the driver's thread: must not block."""
 
-    def deliver(self, pos: int, value: Any) -> None:
-        """The result (or ``gs.Failure``) of the stream's item at position ``pos``."""
+    def deliver(self, pos: int, values: list[Any]) -> None:
+        """Results (or ``gs.Failure``s) of the stream's items at positions ``pos``, ``pos + 1``, ...
+
+        Runs, not single results: a consumer on another thread is woken once per run."""
 
     def end(self, count: int, error: BaseException | None) -> None:
         """The stream gave ``count`` items (then raised ``error``); results may still follow."""
@@ -89,7 +95,9 @@ class Feed:
         self._closed = False
         self._wake: Callable[[], None] = _nothing
         self._started = False
-        self._routes: dict[int, tuple[Stream, int]] = {}
+        #: Who each taken item belongs to, by runs: first index -> [stream, pos of first, count, left, first index].
+        self._runs: dict[int, list[Any]] = {}
+        self._starts: list[int] = []  # the runs' first indexes, ascending (finished ones pruned lazily)
         self._next = 0
         self._threads: list[Stream] = []  # lazy streams whose reading thread may still run
         self.capacity = 1
@@ -189,8 +197,9 @@ class Feed:
         if stream.admit is not None and not stream.admit():  # a single call whose future was cancelled
             source.done = True
             return []
-        if source.capacity < size:
-            source.capacity = size
+        # Read ahead two batches (at least READ_AHEAD items): the reading thread then runs in bursts,
+        # not in a hand-off per batch with the driver; memory stays bounded all the same.
+        source.capacity = max(2 * size, READ_AHEAD)
         items = source.take(size, partial_ok=False)
         if stream.drop_partial and len(items) < size and source.error is not None:
             items = []  # the chunk the iterator raised in is dropped, as multiprocessing's imap does
@@ -198,12 +207,12 @@ class Feed:
         return items
 
     def _assign(self, stream: Stream, items: list[Any]) -> None:
-        routes, index = self._routes, self._next
-        for pos in range(stream.taken, stream.taken + len(items)):
-            routes[index] = (stream, pos)
-            index += 1
-        self._next = index
-        stream.taken += len(items)
+        n = len(items)
+        if n:
+            self._runs[self._next] = [stream, stream.taken, n, n, self._next]
+            self._starts.append(self._next)
+            self._next += n
+            stream.taken += n
         self.batch_fn = stream.fn
 
     @staticmethod
@@ -213,19 +222,47 @@ class Feed:
     def _refresh_hint(self) -> None:
         self.chunk_hint = self._streams[0].chunk if self._streams else None
 
+    def _run_of(self, index: int) -> list[Any]:
+        starts = self._starts
+        if len(starts) > 2 * len(self._runs) + 64:
+            starts[:] = sorted(self._runs)
+        return self._runs[starts[bisect.bisect_right(starts, index) - 1]]
+
     def fn_for(self, index: int) -> Callable[[Any], Any]:
         """The function of the item numbered ``index`` (for a retry)."""
-        return self._routes[index][0].fn
+        return self._run_of(index)[0].fn  # type: ignore[no-any-return]
 
-    def deliver(self, index: int, value: Any) -> None:
-        """Route one result to its stream's sink (dropped if the stream's consumer went away)."""
-        stream, pos = self._routes.pop(index)
+    def deliver(self, ready: list[tuple[int, Any]]) -> None:
+        """Route results to their streams' sinks, a run of consecutive items at a time (dropped
+        if a stream's consumer went away)."""
+        run: list[Any] = [None, 0, 0, 0, -1]
+        end = expect = start = -1
+        values: list[Any] = []
+        for index, value in ready:
+            if index != expect or index >= end:
+                self._flush(run, start, values)
+                values = []
+                if not run[4] <= index < end:
+                    run = self._run_of(index)
+                    end = run[4] + run[2]
+                start = index
+            values.append(value)
+            expect = index + 1
+        self._flush(run, start, values)
+
+    def _flush(self, run: list[Any], index: int, values: list[Any]) -> None:
+        if not values:
+            return
+        stream, pos, _, left, first = run
         if not stream.cancelled:
-            stream.sink.deliver(pos, value)
+            stream.sink.deliver(pos + index - first, values)
+        run[3] = left - len(values)
+        if not run[3]:
+            del self._runs[first]
 
     def cancel_started(self) -> None:
         """Ask the sinks of items already taken to cancel what no worker has started yet."""
-        for stream in {id(s): s for s, _ in self._routes.copy().values()}.values():
+        for stream in {id(run[0]): run[0] for run in self._runs.copy().values()}.values():
             cancel = getattr(stream.sink, "cancel", None)
             if cancel is not None:
                 cancel()
@@ -238,11 +275,12 @@ class Feed:
             self._closed = True
             self.done = True
         seen: set[int] = set()
-        for stream, _ in self._routes.values():
+        for stream, *_ in list(self._runs.values()):
             if id(stream) not in seen:
                 seen.add(id(stream))
                 stream.sink.abandon(exc)
-        self._routes.clear()
+        self._runs.clear()
+        self._starts.clear()
         for stream in streams:
             stream.source.stop()
             if id(stream) not in seen:

@@ -200,15 +200,18 @@ def _count(**aliases: int | None) -> int | None:
     return next(iter(given.values()), None)
 
 
-def _run_callbacks(todo: queue.SimpleQueue[Any]) -> None:
+def _run_callbacks(todo: queue.SimpleQueue[Any], ended: threading.Event) -> None:
     """The callback thread: completes futures that have done-callbacks, which run here."""
-    while (job := todo.get()) is not None:
-        future, complete, value = job
-        try:
-            complete(future, value)
-        except _cf.InvalidStateError:
-            pass  # completed meanwhile (terminated, broken)
-        job = future = value = None
+    try:
+        while (job := todo.get()) is not None:
+            future, complete, value = job
+            try:
+                complete(future, value)
+            except _cf.InvalidStateError:
+                pass  # completed meanwhile (terminated, broken)
+            job = future = value = None
+    finally:
+        ended.set()
 
 
 def _calls(call: Call) -> Any:
@@ -229,8 +232,8 @@ class _FutureSink:
         self.core = core
         self.future = future
 
-    def deliver(self, pos: int, value: Any) -> None:
-        self.core.settle(self.future, value)
+    def deliver(self, pos: int, values: list[Any]) -> None:
+        self.core.settle(self.future, values[0])
 
     def end(self, count: int, error: BaseException | None) -> None:
         pass
@@ -256,12 +259,12 @@ class _Buffer:
         self.error: BaseException | None = None
         self.abandoned: BaseException | None = None
 
-    def deliver(self, pos: int, value: Any) -> None:
+    def deliver(self, pos: int, values: list[Any]) -> None:
         with self.cond:
             if self.ordered:
-                self.by_pos[pos] = value
+                self.by_pos.update(zip(range(pos, pos + len(values)), values, strict=True))
             else:
-                self.arrived.append(value)
+                self.arrived.extend(values)
             self.cond.notify()
 
     def end(self, count: int, error: BaseException | None) -> None:
@@ -373,6 +376,10 @@ class _Core:
         self.broken: BrokenExecutor | None = None
         self.thread: threading.Thread | None = None
         self.opened = threading.Event()
+        # Set as the driver and the callback thread end. Waited on instead of Thread.join, which
+        # Python 3.11 breaks when Ctrl-C interrupts it (the thread is then reported dead: bpo-45274).
+        self.driver_ended = threading.Event()
+        self.callbacks_ended = threading.Event()
         #: Wrappers of functions with calls in flight (weak: a finished call's function is not kept).
         self.wrappers: weakref.WeakValueDictionary[Any, _Star] = weakref.WeakValueDictionary()
         #: In-process workers mark their futures RUNNING themselves (see ``_Star``).
@@ -438,12 +445,24 @@ class _Core:
         if not wait:
             return
         try:
-            for each in (thread, self.callback_thread):
-                while each is not None and each is not threading.current_thread() and each.is_alive():
-                    each.join(0.1)  # in slices: the main thread keeps receiving signals
+            self.join(thread)
         except BaseException:
-            self.terminate_at_exit = True  # interrupted (Ctrl-C): exit must not wait again
+            # Interrupted (Ctrl-C) while waiting: the caller wants out now, not when the running
+            # calls end (they may never). Terminate (queued calls cancelled, thread tokens set,
+            # process workers killed) and wait for that, which takes a grace period at most.
+            self.terminate_at_exit = True  # exit must not wait again
+            with self.lock:
+                self.cancel_queued()
+                self.feed.terminate(_Terminated())
+            self.join(thread)
             raise
+
+    def join(self, thread: threading.Thread) -> None:
+        """Wait for the driver and the callback thread, in slices (signals stay prompt)."""
+        for each, ended in ((thread, self.driver_ended), (self.callback_thread, self.callbacks_ended)):
+            if each is not None and each is not threading.current_thread():
+                while not ended.wait(0.1):
+                    pass
 
     def cancel_queued(self) -> None:
         """``shutdown(cancel_futures=True)``: cancel every future no worker has started."""
@@ -490,7 +509,10 @@ class _Core:
         if self.callbacks is None:
             self.callbacks = queue.SimpleQueue()
             self.callback_thread = threading.Thread(
-                target=_run_callbacks, args=(self.callbacks,), name="gearshift-executor-callbacks", daemon=True
+                target=_run_callbacks,
+                args=(self.callbacks, self.callbacks_ended),
+                name="gearshift-executor-callbacks",
+                daemon=True,
             )
             self.callback_thread.start()
         self.callbacks.put((future, how, value))
@@ -504,9 +526,8 @@ class _Core:
         deliver = self.feed.deliver
         try:
             for ready in drive(scheduler, self.gear, self.spec, claim=False, opened=self.opened.set):
-                for index, value in ready:
-                    deliver(index, value)
-                del ready, value  # a finished call's result is not kept until the next one
+                deliver(ready)
+                del ready  # a finished call's result is not kept until the next one
         except _Terminated:
             self.feed.abandon_all(RuntimeError("executor terminated"))
         except BaseException as exc:
@@ -517,6 +538,7 @@ class _Core:
                 self.release()
             if self.callbacks is not None:
                 self.callbacks.put(None)
+            self.driver_ended.set()
 
     def break_down(self, exc: BaseException) -> None:
         """The gear cannot run calls: fail running, queued and later calls with BrokenExecutor."""

@@ -80,13 +80,14 @@ class _ListSink:
         self.left = n
         self.future = future
 
-    def deliver(self, pos: int, value: Any) -> None:
-        if isinstance(value, Failure):
-            exc = value.exception
-            self.core.complete(self.future, Future.set_exception, exc.exc if isinstance(exc, _Escaped) else exc)
-            return
-        self.values[pos] = value
-        self.left -= 1
+    def deliver(self, pos: int, values: list[Any]) -> None:
+        for value in values:
+            if isinstance(value, Failure):
+                exc = value.exception
+                self.core.complete(self.future, Future.set_exception, exc.exc if isinstance(exc, _Escaped) else exc)
+                return
+        self.values[pos : pos + len(values)] = values
+        self.left -= len(values)
         if self.left == 0:
             self.core.complete(self.future, Future.set_result, self.values)
 
