@@ -193,7 +193,7 @@ class Feed:
         if stream.cancelled:
             return []
         source = stream.source
-        size = stream.chunk or n
+        size = n if stream.chunk is None else min(stream.chunk, n)  # the scheduler may want fewer (rate)
         if stream.admit is not None and not stream.admit():  # a single call whose future was cancelled
             source.done = True
             return []

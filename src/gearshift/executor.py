@@ -38,7 +38,7 @@ from gearshift._gears import Gear, make_gear
 from gearshift._rate import parse_rate
 from gearshift._retry import Retry, as_retry
 from gearshift._task import RunSpec
-from gearshift.errors import Failure, GearshiftError
+from gearshift.errors import Failure, GearshiftError, short_repr
 
 __all__ = ["BrokenExecutor", "Executor"]
 
@@ -87,9 +87,29 @@ class _Escaped(Exception):
         self.exc = exc
 
 
-#: One submitted call: arguments, keywords, and the future when the worker is in this process
-#: (it marks the future RUNNING as it starts, or skips the call if it was cancelled).
-Call = tuple[tuple[Any, ...], dict[str, Any], "Future[Any] | None"]
+class Call:
+    """One submitted call: arguments, keywords, and the future when the worker is in this
+    process (it marks the future RUNNING as it starts, or skips the call if it was cancelled).
+    Its repr is the call's arguments, as errors name it (``TaskTimeout``, ``WorkerCrashed``)."""
+
+    __slots__ = ("args", "future", "kwargs")
+
+    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any], future: Future[Any] | None) -> None:
+        self.args = args
+        self.kwargs = kwargs
+        self.future = future
+
+    def __getstate__(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return self.args, self.kwargs  # a future never crosses to another process
+
+    def __setstate__(self, state: tuple[tuple[Any, ...], dict[str, Any]]) -> None:
+        self.args, self.kwargs = state
+        self.future = None
+
+    def __repr__(self) -> str:
+        parts = [short_repr(a, 60) for a in self.args]
+        parts += [f"{k}={short_repr(v, 60)}" for k, v in self.kwargs.items()]
+        return f"call({', '.join(parts)})"
 
 
 class _Star:
@@ -101,11 +121,11 @@ class _Star:
         self.fn = fn
 
     def __call__(self, call: Call) -> Any:
-        args, kwargs, future = call
-        if future is not None and not future.set_running_or_notify_cancel():
+        future = call.future
+        if future is not None and not future.running() and not future.set_running_or_notify_cancel():
             return _CANCELLED
         try:
-            return self.fn(*args, **kwargs)
+            return self.fn(*call.args, **call.kwargs)
         except (SystemExit, KeyboardInterrupt) as exc:
             raise _Escaped(exc) from None
 
@@ -120,11 +140,11 @@ class _AsyncStar(_Star):
     __slots__ = ()
 
     async def __call__(self, call: Call) -> Any:
-        args, kwargs, future = call
-        if future is not None and not future.set_running_or_notify_cancel():
+        future = call.future
+        if future is not None and not future.running() and not future.set_running_or_notify_cancel():
             return _CANCELLED
         try:
-            return await self.fn(*args, **kwargs)
+            return await self.fn(*call.args, **call.kwargs)
         except (SystemExit, KeyboardInterrupt) as exc:
             raise _Escaped(exc) from None
 
@@ -407,7 +427,7 @@ class _Core:
         with self.lock:
             self._check_open()
             wrapper = self.wrap(fn)
-            call: Call = (args, kwargs, future if self.in_worker else None)
+            call = Call(args, kwargs, future if self.in_worker else None)
             admit = None if self.in_worker else future.set_running_or_notify_cancel
             self.put(Stream.call(wrapper, call, _FutureSink(self, future), admit))
         return future

@@ -10,11 +10,12 @@ from __future__ import annotations
 import multiprocessing
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, wait
-from concurrent.futures import TimeoutError as FuturesTimeout
+from multiprocessing.context import BaseContext
 from typing import Any
 
 from gearshift._feed import Stream
-from gearshift._gears import Gear
+from gearshift._gears import Gear, ProcessGear
+from gearshift._retry import Retry
 from gearshift.errors import Failure
 from gearshift.executor import Executor, Results, _Buffer, _Core, _Each, _Escaped, _Spread
 
@@ -53,10 +54,10 @@ class AsyncResult:
             error_callback(exc)
 
     def get(self, timeout: float | None = None) -> Any:
-        try:
-            self._future.result(timeout)
-        except FuturesTimeout:
-            raise multiprocessing.TimeoutError from None
+        """The result; ``multiprocessing.TimeoutError`` if not ready within ``timeout`` (a call's
+        own ``TimeoutError``, a ``gs.TaskTimeout`` included, is raised as itself)."""
+        if not wait([self._future], timeout).done:
+            raise multiprocessing.TimeoutError
         return self._value()
 
     def wait(self, timeout: float | None = None) -> None:
@@ -102,26 +103,51 @@ class _ListSink:
 class Pool:
     """A drop-in for ``multiprocessing.Pool`` whose workers run in any gear.
 
-    ``workers`` (alias ``processes``) defaults to the gear's default; ``maxtasksperchild``
-    recycles process workers. The context manager terminates on exit, as Pool's does.
+    The first arguments are ``multiprocessing.Pool``'s: ``processes`` (alias ``workers``,
+    default: the gear's default), ``initializer``, ``initargs``, ``maxtasksperchild`` (recycles
+    process workers), ``context`` (a multiprocessing context for the process gear). The
+    context manager terminates on exit, as Pool's does. gearshift's extras are keyword-only:
+    ``gear`` ("thread" makes it a ``ThreadPool``), ``retries``, ``task_timeout`` (seconds per
+    call, counted from its start) and ``rate`` (calls per second, e.g. "50/s"), which apply
+    to every call, whichever method made it; ``get(timeout)`` keeps the stdlib's meaning.
     """
 
     def __init__(
         self,
-        workers: int | None = None,
+        processes: int | None = None,
         initializer: Callable[..., Any] | None = None,
         initargs: tuple[Any, ...] = (),
         maxtasksperchild: int | None = None,
+        context: BaseContext | None = None,
         *,
         gear: str | Gear = "process",
-        processes: int | None = None,
+        workers: int | None = None,
+        retries: int | Retry | None = 0,
+        task_timeout: float | None = None,
+        rate: str | float | None = None,
     ) -> None:
+        count = processes if processes is not None else workers
+        if processes is not None and workers is not None and processes != workers:
+            raise ValueError("processes and workers are the same setting; give one of them")
+        if count is not None and count < 1:
+            raise ValueError("Number of processes must be at least 1")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        chosen: str | Gear = gear
+        if context is not None:
+            if gear != "process":
+                raise ValueError(f"context= is for the process gear, not gear={gear!r}")
+            chosen = ProcessGear(count, mp_context=context)
+            count = None
         self._executor = Executor(
-            gear,
-            workers if workers is not None else processes,
+            chosen,
+            count,
             initializer=initializer,
             initargs=initargs,
             max_tasks_per_worker=maxtasksperchild,
+            retries=retries,
+            timeout=task_timeout,
+            rate=rate,
         )
         self._executor._core.terminate_at_exit = True  # as multiprocessing.Pool's finalizer does
         self._state = "RUN"
