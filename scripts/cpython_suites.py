@@ -31,6 +31,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv313"
 SUITE_TIMEOUT = 900
+#: A test still running after this many seconds is a hang: the suite stops there, the test fails.
+TEST_TIMEOUT = 120
 
 #: name -> (test modules, test classes to keep (None: all), what replaces what)
 SUITES: dict[str, tuple[list[str], str | None, str]] = {
@@ -102,14 +104,17 @@ def run_suite(python: Path, name: str) -> dict[str, Any]:
     result.setdefault("passed", [])
     result.setdefault("failed", {})
     result.setdefault("skipped", {})
-    if not out_ok(result, code):
+    hung = result.pop("running", None)
+    if hung:
+        result["failed"][hung] = f"hung (still running after {TEST_TIMEOUT}s; the suite stopped there)\n{log[-3000:]}"
+    elif not out_ok(result, code):
         result["failed"].setdefault("<suite>", f"the suite's interpreter ended with {code}:\n{log[-4000:]}")
     result["seconds"] = round(time.monotonic() - started, 1)
     return result
 
 
 def out_ok(result: dict[str, Any], code: int | str) -> bool:
-    return code in (0, 1) and bool(result.get("ran"))
+    return code in (0, 1) and bool(result.get("done"))
 
 
 def main(argv: list[str]) -> int:
@@ -168,7 +173,8 @@ def patch(kind: str) -> None:
         initargs: tuple[Any, ...] = (),
         maxtasksperchild: int | None = None,
     ) -> gs.Pool:
-        return gs.Pool(processes, initializer, initargs, maxtasksperchild)
+        # As multiprocessing.Pool (the default context's method) does: in the current context.
+        return gs.Pool(processes, initializer, initargs, maxtasksperchild, multiprocessing.get_context())
 
     def thread_pool(processes: int | None = None, initializer: Any = None, initargs: tuple[Any, ...] = ()) -> gs.Pool:
         return gs.Pool(processes, initializer, initargs, gear="thread")
@@ -189,10 +195,45 @@ def skip_reason(test: unittest.TestCase) -> str | None:
     return SKIP.get(test.id()) or SKIP.get(test.id().rsplit(".", 1)[-1])
 
 
-def inside(name: str, out: str | None) -> int:
-    import faulthandler
+class Recorder(unittest.TextTestResult):
+    """Writes the outcome so far after each test, and the test running now: a hang is named."""
 
-    faulthandler.dump_traceback_later(SUITE_TIMEOUT - 30, exit=True)  # a hang shows where it hangs
+    out: Path | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.passed: list[str] = []
+
+    def addSuccess(self, test: unittest.TestCase) -> None:
+        super().addSuccess(test)
+        self.passed.append(test.id())
+
+    def startTest(self, test: unittest.TestCase) -> None:
+        import faulthandler
+
+        faulthandler.dump_traceback_later(TEST_TIMEOUT, exit=True)  # a hang shows where it hangs
+        self.save(running=test.id())
+        super().startTest(test)
+
+    def stopTest(self, test: unittest.TestCase) -> None:
+        import faulthandler
+
+        faulthandler.cancel_dump_traceback_later()
+        super().stopTest(test)
+        self.save()
+
+    def save(self, running: str | None = None, done: bool = False) -> None:
+        if self.out is None:
+            return
+        failed = {test.id(): text for test, text in self.failures + self.errors}
+        failed.update({test.id(): "unexpected success" for test in self.unexpectedSuccesses})
+        skipped = {test.id(): why for test, why in self.skipped}
+        record = {"ran": self.testsRun, "passed": self.passed, "failed": failed, "skipped": skipped}
+        record.update({"running": running, "done": done})
+        self.out.write_text(json.dumps(record))
+
+
+def inside(name: str, out: str | None) -> int:
     modules, keep, kind = SUITES[name]
     patch(kind)
     loader = unittest.TestLoader()
@@ -206,15 +247,10 @@ def inside(name: str, out: str | None) -> int:
                 method = test._testMethodName
                 setattr(test, method, unittest.skip(f"gearshift: {reason}")(getattr(test, method)))
             suite.addTest(test)
-    ids = [test.id() for test in tests_of(suite)]  # (the suite lets go of each test as it runs)
-    result = unittest.TextTestRunner(verbosity=2, stream=sys.stderr).run(suite)
-    failed = {test.id(): text for test, text in result.failures + result.errors}
-    failed.update({test.id(): "unexpected success" for test in result.unexpectedSuccesses})
-    skipped = {test.id(): why for test, why in result.skipped}
-    passed = [test for test in ids if test not in failed and test not in skipped]
-    if out:
-        record = {"ran": result.testsRun, "passed": passed, "failed": failed, "skipped": skipped}
-        Path(out).write_text(json.dumps(record))
+    Recorder.out = Path(out) if out else None
+    result = unittest.TextTestRunner(verbosity=2, stream=sys.stderr, resultclass=Recorder).run(suite)
+    assert isinstance(result, Recorder)
+    result.save(done=True)
     return 0 if result.wasSuccessful() else 1
 
 
