@@ -304,10 +304,10 @@ def test_shutdown_with_a_live_buffersize_map_over_endless_input_returns(gear: st
     ex = gs.Executor(gear, max_workers=2)
     it = ex.map(inc, itertools.count(), buffersize=8)
     assert next(it) == 1
-    returned = shutdown_within(ex, 10.0)
+    returned = shutdown_within(ex, 5.0)
     it.close()  # type: ignore[attr-defined]  # unblocks a hung shutdown, so the test ends cleanly
     assert shutdown_within(ex, PATIENCE)
-    assert returned, "shutdown(wait=True) did not return in 10 s"
+    assert returned, "shutdown(wait=True) did not return in 5 s"
 
 
 # -- 3. an iterable that raises mid-way -------------------------------------------------------
@@ -465,7 +465,7 @@ def test_a_callback_that_waits_on_a_future_with_a_callback(gear: str, tmp_path: 
             inner.add_done_callback(lambda _: inner_called.set())  # before the call can finish
             Path(gate).touch()
             try:
-                got.append(inner.result(timeout=5))
+                got.append(inner.result(timeout=3))
             finally:
                 done.set()
 
@@ -489,7 +489,7 @@ def test_pool_callback_that_applies_with_a_callback_and_gets(gear: str, tmp_path
             try:
                 inner = pool.apply_async(wait_file_then, (gate, value**2), callback=lambda _: None)
                 Path(gate).touch()
-                got.append(inner.get(timeout=5))
+                got.append(inner.get(timeout=3))
             except BaseException as exc:
                 got.append(exc)
             finally:
