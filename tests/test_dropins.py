@@ -219,3 +219,15 @@ def test_314_extras() -> None:
     with ProcessPoolExecutor(1) as ex3:
         assert ex3.submit(pow, 2, 4).result(timeout=60) == 16
         ex3.kill_workers()
+
+
+def _raise_123() -> None:
+    raise RuntimeError(123)
+
+
+def test_process_traceback_is_the_stdlibs() -> None:
+    with ProcessPoolExecutor(1) as ex, pytest.raises(RuntimeError) as info:
+        ex.submit(_raise_123).result(timeout=60)
+    cause = info.value.__cause__
+    assert type(cause) is cf.process._RemoteTraceback
+    assert "raise RuntimeError(123)" in cause.tb

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from concurrent.futures._base import CANCELLED, PENDING
 from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures.process import _RemoteTraceback as _StdRemoteTraceback
 from concurrent.futures.thread import BrokenThreadPool
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
@@ -39,7 +40,7 @@ from typing import Any, ClassVar
 from gearshift._gears.process import ProcessGear
 from gearshift._gears.thread import ThreadGear
 from gearshift._retry import Retry
-from gearshift.errors import UnpicklableError, WorkerCrashed
+from gearshift.errors import RemoteTraceback, UnpicklableError, WorkerCrashed
 from gearshift.executor import BrokenExecutor, Executor
 
 __all__ = ["ProcessPoolExecutor", "ThreadPoolExecutor"]
@@ -185,7 +186,11 @@ class _DropIn(Executor):
         elif isinstance(exc, BrokenExecutor | WorkerCrashed):
             self._break(exc, outer)
         else:
-            _settle_quietly(outer, Future.set_exception, exc)
+            _settle_quietly(outer, Future.set_exception, self._as_stdlib(exc))
+
+    def _as_stdlib(self, exc: BaseException) -> BaseException:
+        """A call's own exception, as the stdlib pool would raise it (the process pool adjusts it)."""
+        return exc
 
     def _break(self, cause: BaseException, first: _Linked) -> None:
         """Fail the crashed call's future and every pending one; refuse later submits; stop."""
@@ -425,6 +430,13 @@ class ProcessPoolExecutor(_DropIn):
             max_tasks_per_worker=max_tasks_per_child,
         )
         self._dropin_init()
+
+    def _as_stdlib(self, exc: BaseException) -> BaseException:
+        """The worker's traceback as the stdlib carries it: a ``_RemoteTraceback`` ``__cause__``."""
+        cause = exc.__cause__
+        if isinstance(cause, RemoteTraceback):
+            exc.__cause__ = _StdRemoteTraceback(f'\n"""\n{cause.tb}"""')  # type: ignore[arg-type]  # (typeshed; it takes the text)
+        return exc
 
     def _broken_message(self, exc: BaseException) -> str:
         return self.CRASHED if isinstance(exc, WorkerCrashed) else self.INIT_FAILED
