@@ -50,7 +50,10 @@ class Stream:
     single call, is asked as the call is taken: False skips it (its future was cancelled).
     """
 
-    __slots__ = ("admit", "cancelled", "chunk", "drop_partial", "fn", "single", "sink", "source", "taken")
+    __slots__ = (
+        "admit", "cancelled", "chunk", "consumed", "cut", "cut_at_close", "drop_partial", "fn", "limit", "single",
+        "sink", "source", "taken",
+    )
 
     def __init__(
         self,
@@ -70,7 +73,13 @@ class Stream:
         self.admit = admit
         self.source: _Inline | _Puller = _Puller(items, max(1, chunk or 1)) if lazy else _Inline(items)
         self.taken = 0
-        self.cancelled = False
+        #: Results the consumer has taken (kept by the consumer); with ``limit``, at most
+        #: ``limit`` items are taken and not yet consumed: the stream's own backpressure.
+        self.consumed = 0
+        self.limit: int | None = None
+        self.cancelled = False  # the consumer went away: take nothing more, deliver nothing more
+        self.cut = False  # take nothing more, deliver what was taken
+        self.cut_at_close = False
         self.single = False
 
     @classmethod
@@ -122,9 +131,19 @@ class Feed:
         self._wake()
 
     def close(self) -> None:
-        """No more streams: the run ends once the queued ones are done."""
+        """No more streams: the run ends once the queued ones are done. Streams marked
+        ``cut_at_close`` (``Executor.map(buffersize=)``) take nothing more: their items taken
+        so far finish and are delivered, the rest are never read (the stdlib's shutdown)."""
         with self._lock:
             self._closed = True
+            for stream in self._streams:
+                if stream.cut_at_close:
+                    stream.cut = True
+                    stream.source.stop()
+        self._wake()
+
+    def wake(self) -> None:
+        """Have the scheduler look again (a consumer made room)."""
         self._wake()
 
     def cancel_queued(self) -> list[Stream]:
@@ -170,28 +189,42 @@ class Feed:
             self._threads.append(stream)
 
     def take(self, n: int, partial_ok: bool) -> list[Any]:
-        """Up to ``n`` items of the head stream (never mixing functions); [] when none is ready."""
+        """Up to ``n`` items of the first stream that has some ready (never mixing functions).
+
+        Streams are served in order, but one whose items are not there yet (a slow iterator)
+        or whose consumer has fallen behind (``limit``) does not hold up the ones after it.
+        [] when no stream has items ready.
+        """
         with self._lock:
-            while self._streams:
-                stream = self._streams[0]
+            streams = self._streams
+            at = 0
+            while at < len(streams):
+                stream = streams[at]
                 items = self._take_from(stream, n)
                 if items:
-                    if stream.single:  # done with: let it go now (its sink lives on in the routes)
-                        self._streams.popleft()
+                    if stream.single:  # done with: let it go now (its sink lives on in the runs)
+                        del streams[at]
                         self._refresh_hint()
                     return items
                 if not self._finished(stream):
-                    return []  # the head stream's next items are not there yet
-                self._streams.popleft()
+                    at += 1
+                    continue
+                del streams[at]
                 self._refresh_hint()
-                stream.sink.end(stream.taken, None if stream.cancelled else stream.source.error)
-            if self._closed:
+                error = None if stream.cancelled or stream.cut else stream.source.error
+                stream.sink.end(stream.taken, error)
+            if self._closed and not streams:
                 self.done = True
             return []
 
     def _take_from(self, stream: Stream, n: int) -> list[Any]:
-        if stream.cancelled:
+        if stream.cancelled or stream.cut:
             return []
+        if stream.limit is not None:
+            room = stream.limit - (stream.taken - stream.consumed)
+            if room <= 0:
+                return []  # its consumer is behind: no more reading until it catches up
+            n = min(n, room)
         source = stream.source
         size = n if stream.chunk is None else min(stream.chunk, n)  # the scheduler may want fewer (rate)
         if stream.admit is not None and not stream.admit():  # a single call whose future was cancelled
@@ -217,7 +250,8 @@ class Feed:
 
     @staticmethod
     def _finished(stream: Stream) -> bool:
-        return stream.cancelled or stream.source.exhausted or (stream.source.done and stream.drop_partial)
+        source = stream.source
+        return stream.cancelled or stream.cut or source.exhausted or (source.done and stream.drop_partial)
 
     def _refresh_hint(self) -> None:
         self.chunk_hint = self._streams[0].chunk if self._streams else None

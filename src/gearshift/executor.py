@@ -17,6 +17,7 @@ pending and later futures fail with ``gs.BrokenExecutor``.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import concurrent.futures as _cf
 import os
@@ -43,6 +44,8 @@ from gearshift.errors import Failure, GearshiftError, short_repr
 __all__ = ["BrokenExecutor", "Executor"]
 
 _STOP = object()
+#: Most threads running done-callbacks at once (more start only while all are inside callbacks).
+MAX_CALLBACK_THREADS = 32
 #: What a call returns when its future was cancelled before a worker started it.
 _CANCELLED = object()
 
@@ -76,6 +79,14 @@ getattr(threading, "_register_atexit", atexit.register)(_finish_at_exit)
 if hasattr(os, "register_at_fork"):
     # A forked worker inherits the set (and maybe a lock held mid-submit): it must not touch them at its exit.
     os.register_at_fork(after_in_child=_live.clear)
+
+
+def _passes(exc: BaseException) -> bool:
+    """Whether a call's exception goes to the gear as it is: any ``Exception``, a task's
+    ``CancelledError`` (the async gear's own timeouts and cancellation), and gearshift's own
+    control exceptions. Other ``BaseException``s (``SystemExit``, ``KeyboardInterrupt``,
+    ``GeneratorExit``, a user's subclass, a ``BaseExceptionGroup``) are wrapped in ``_Escaped``."""
+    return isinstance(exc, Exception | asyncio.CancelledError) or type(exc).__module__.startswith("gearshift.")
 
 
 class _Escaped(Exception):
@@ -126,7 +137,9 @@ class _Star:
             return _CANCELLED
         try:
             return self.fn(*call.args, **call.kwargs)
-        except (SystemExit, KeyboardInterrupt) as exc:
+        except BaseException as exc:
+            if _passes(exc):
+                raise
             raise _Escaped(exc) from None
 
     def __getstate__(self) -> Callable[..., Any]:
@@ -145,7 +158,9 @@ class _AsyncStar(_Star):
             return _CANCELLED
         try:
             return await self.fn(*call.args, **call.kwargs)
-        except (SystemExit, KeyboardInterrupt) as exc:
+        except BaseException as exc:
+            if _passes(exc):
+                raise
             raise _Escaped(exc) from None
 
 
@@ -157,7 +172,9 @@ class _Spread(_Star):
     def __call__(self, args: Any) -> Any:
         try:
             return self.fn(*args)
-        except (SystemExit, KeyboardInterrupt) as exc:
+        except BaseException as exc:
+            if _passes(exc):
+                raise
             raise _Escaped(exc) from None
 
 
@@ -167,7 +184,9 @@ class _AsyncSpread(_Star):
     async def __call__(self, args: Any) -> Any:
         try:
             return await self.fn(*args)
-        except (SystemExit, KeyboardInterrupt) as exc:
+        except BaseException as exc:
+            if _passes(exc):
+                raise
             raise _Escaped(exc) from None
 
 
@@ -179,7 +198,9 @@ class _Each(_Star):
     def __call__(self, item: Any) -> Any:
         try:
             return self.fn(item)
-        except (SystemExit, KeyboardInterrupt) as exc:
+        except BaseException as exc:
+            if _passes(exc):
+                raise
             raise _Escaped(exc) from None
 
 
@@ -189,7 +210,9 @@ class _AsyncEach(_Star):
     async def __call__(self, item: Any) -> Any:
         try:
             return await self.fn(item)
-        except (SystemExit, KeyboardInterrupt) as exc:
+        except BaseException as exc:
+            if _passes(exc):
+                raise
             raise _Escaped(exc) from None
 
 
@@ -220,18 +243,63 @@ def _count(**aliases: int | None) -> int | None:
     return next(iter(given.values()), None)
 
 
-def _run_callbacks(todo: queue.SimpleQueue[Any], ended: threading.Event) -> None:
-    """The callback thread: completes futures that have done-callbacks, which run here."""
+class _Callbacks:
+    """Threads that complete the futures that have done-callbacks, so the callbacks run there
+    and never on the driver. One thread normally; when every one is inside a callback (which
+    may wait on another future with callbacks, whose completion is queued here), another
+    starts, up to ``MAX_CALLBACK_THREADS``, so such a callback cannot wait on itself."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.threads = 0
+        self.idle = 0
+        self.closed = False
+        self.ended = threading.Event()  # set once closed and every thread has left
+
+    def put(self, future: Future[Any], how: Callable[[Future[Any], Any], None], value: Any) -> None:
+        with self.lock:
+            if not self.closed:
+                if self.idle == 0 and self.threads < MAX_CALLBACK_THREADS:
+                    self.threads += 1
+                    threading.Thread(target=self._run, name="gearshift-executor-callbacks", daemon=True).start()
+                self.jobs.put((future, how, value))
+                return
+        _complete_quietly(future, how, value)  # after the executor ended: here and now
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self.lock:
+                    self.idle += 1
+                job = self.jobs.get()
+                with self.lock:
+                    self.idle -= 1
+                if job is None:
+                    return
+                _complete_quietly(*job)
+                job = None
+        finally:
+            with self.lock:
+                self.threads -= 1
+                if self.closed and not self.threads:
+                    self.ended.set()
+
+    def close(self) -> None:
+        """No more jobs: the threads leave once the queued ones are done."""
+        with self.lock:
+            self.closed = True
+            for _ in range(self.threads):
+                self.jobs.put(None)
+            if not self.threads:
+                self.ended.set()
+
+
+def _complete_quietly(future: Future[Any], how: Callable[[Future[Any], Any], None], value: Any) -> None:
     try:
-        while (job := todo.get()) is not None:
-            future, complete, value = job
-            try:
-                complete(future, value)
-            except _cf.InvalidStateError:
-                pass  # completed meanwhile (terminated, broken)
-            job = future = value = None
-    finally:
-        ended.set()
+        how(future, value)
+    except _cf.InvalidStateError:
+        pass  # completed meanwhile (cancelled, terminated, broken)
 
 
 def _calls(call: Call) -> Any:
@@ -318,6 +386,7 @@ class Results(Iterator[Any]):
         self._taken = 0
         self._over = False
         self._feed, self._stream = core.feed, stream
+        self._limit = stream.limit
         self._finalizer: weakref.finalize[Any, Any] | None = None
 
     def __iter__(self) -> Results:
@@ -354,6 +423,10 @@ class Results(Iterator[Any]):
                     raise TimeoutError
                 buffer.cond.wait(wait)  # in slices: Ctrl-C stays prompt
         self._taken += 1
+        stream = self._stream
+        stream.consumed = self._taken
+        if self._limit is not None and stream.taken - self._taken == self._limit - 1:
+            self._feed.wake()  # the stream was held back by its consumer: room again
         if isinstance(value, Failure):
             if not self._goes_on:
                 self._end()
@@ -399,13 +472,12 @@ class _Core:
         # Set as the driver and the callback thread end. Waited on instead of Thread.join, which
         # Python 3.11 breaks when Ctrl-C interrupts it (the thread is then reported dead: bpo-45274).
         self.driver_ended = threading.Event()
-        self.callbacks_ended = threading.Event()
+
         #: Wrappers of functions with calls in flight (weak: a finished call's function is not kept).
         self.wrappers: weakref.WeakValueDictionary[Any, _Star] = weakref.WeakValueDictionary()
         #: In-process workers mark their futures RUNNING themselves (see ``_Star``).
         self.in_worker = not gear.pickles
-        self.callbacks: queue.SimpleQueue[Any] | None = None
-        self.callback_thread: threading.Thread | None = None
+        self.callbacks = _Callbacks()
         self.released = False
 
     # -- the caller's side ----------------------------------------------------------------
@@ -479,8 +551,9 @@ class _Core:
 
     def join(self, thread: threading.Thread) -> None:
         """Wait for the driver and the callback thread, in slices (signals stay prompt)."""
-        for each, ended in ((thread, self.driver_ended), (self.callback_thread, self.callbacks_ended)):
-            if each is not None and each is not threading.current_thread():
+        me = threading.current_thread()
+        if thread is not me and me.name != "gearshift-executor-callbacks":  # not from inside a callback
+            for ended in (self.driver_ended, self.callbacks.ended):
                 while not ended.wait(0.1):
                     pass
 
@@ -526,16 +599,7 @@ class _Core:
             if not future._done_callbacks:  # type: ignore[attr-defined]
                 how(future, value)
                 return
-        if self.callbacks is None:
-            self.callbacks = queue.SimpleQueue()
-            self.callback_thread = threading.Thread(
-                target=_run_callbacks,
-                args=(self.callbacks, self.callbacks_ended),
-                name="gearshift-executor-callbacks",
-                daemon=True,
-            )
-            self.callback_thread.start()
-        self.callbacks.put((future, how, value))
+        self.callbacks.put(future, how, value)
 
     # -- the driver thread ----------------------------------------------------------------
     def drive(self) -> None:
@@ -556,8 +620,7 @@ class _Core:
             self.opened.set()
             with self.lock:
                 self.release()
-            if self.callbacks is not None:
-                self.callbacks.put(None)
+            self.callbacks.close()
             self.driver_ended.set()
 
     def break_down(self, exc: BaseException) -> None:
@@ -669,12 +732,12 @@ class Executor(_StdExecutor):
         core = self._core
         buffer = _Buffer(ordered=True)
         with core.lock:
-            # chunksize=1 keeps the stdlib's one call per dispatch in-process (calls may wait on each
-            # other); across processes, where dispatch costs ~0.3 ms, the engine sizes batches itself.
-            chunk = None if chunksize == 1 and core.gear.pickles else chunksize
-            stream = Stream(core.wrap(fn, _Spread), args, buffer, chunk=chunk, lazy=lazy)
+            # Exactly ``chunksize`` calls per dispatch, as the stdlib: calls may wait on each other, and
+            # a dropped map cancels what no worker holds yet (pass a larger chunksize for tiny calls).
+            stream = Stream(core.wrap(fn, _Spread), args, buffer, chunk=chunksize, lazy=lazy)
             if lazy:
-                stream.source.capacity = buffersize  # type: ignore[assignment]
+                stream.limit = buffersize  # at most this many calls ahead of the consumer
+                stream.cut_at_close = True  # shutdown waits for calls already made, reads no more
             core.put(stream)
         return Results(core, buffer, stream, goes_on=False, deadline=deadline)
 

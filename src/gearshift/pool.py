@@ -72,6 +72,10 @@ class AsyncResult:
         return not self._future.cancelled() and self._future.exception() is None
 
 
+#: Fewest items ``imap`` may have read and not yet handed to its consumer.
+IMAP_AHEAD = 64
+
+
 class _ListSink:
     """``map_async``'s results: a list in input order, or the first failure, on one future."""
 
@@ -188,6 +192,7 @@ class Pool:
     def _stream(
         self, func: Callable[..., Any], items: Iterable[Any], sink: Any, chunksize: int | None, star: bool,
         lazy: bool = False,
+        limit: int | None = None,
     ) -> Stream:
         """Queue one stream of calls on the pool's engine run."""
         self._check_running()
@@ -195,6 +200,7 @@ class Pool:
         with core.lock:
             stream = Stream(core.wrap(func, _Spread if star else _Each), items, sink, chunk=chunksize, lazy=lazy,
                             drop_partial=lazy)
+            stream.limit = limit
             core.put(stream)
         return stream
 
@@ -252,7 +258,9 @@ class Pool:
         if chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize:n}")
         buffer = _Buffer(ordered)
-        stream = self._stream(func, iterable, buffer, chunksize, star=False, lazy=True)
+        # Bounded read-ahead: the iterable is read only this far past what the caller consumed.
+        limit = max(IMAP_AHEAD, 4 * self.workers * chunksize)
+        stream = self._stream(func, iterable, buffer, chunksize, star=False, lazy=True, limit=limit)
         return Results(self._executor._core, buffer, stream, goes_on=True)
 
     # -- lifecycle ------------------------------------------------------------------------
