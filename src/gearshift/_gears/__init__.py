@@ -160,25 +160,6 @@ def advisable_gears(load: bool = False) -> dict[str, GearCosts | None]:
 
 
 # -- the built-in plain gears ---------------------------------------------------------------------
-THREAD_COSTS = GearCosts(
-    handoff_per_batch=30e-6, batch_work=0.002, startup_per_worker=1e-4, cpu_parallel="without_gil",
-    max_workers=128, tie_rank=10, label="threads",
-)
-PROCESS_COSTS = GearCosts(
-    handoff_per_batch=300e-6, batch_work=0.02, startup=0.01, startup_per_worker=0.01, reimports=True, pickles=True,
-    cpu_parallel="always", max_workers_per_core=4, tie_rank=20, measure=True, label="processes",
-)
-
-
-def _declare(cls: type[Gear], costs: GearCosts) -> None:
-    # TODO(issue 13): move these declarations into thread.py / process.py as class attributes
-    # (``costs = THREAD_COSTS``-like literals); this fallback then does nothing and can go.
-    if "costs" not in cls.__dict__:
-        cls.costs = costs
-
-
-_declare(ThreadGear, THREAD_COSTS)
-_declare(ProcessGear, PROCESS_COSTS)
 for _cls in (SerialGear, ThreadGear, ProcessGear, AsyncGear):
     register_gear(_cls.name, _cls)
 

@@ -45,13 +45,12 @@ from typing import Any
 import cloudpickle
 
 from gearshift._gears import _wire, _worker, _zygote
-from gearshift._gears._base import Gear, cpu_count
+from gearshift._gears._base import Gear, GearCosts, cpu_count, initializer_error, timeout_outcome
 from gearshift._portable import unpicklable_item
 from gearshift._task import Batch, Done, Outcome, Result, RunSpec, Task
 from gearshift.errors import (
     InitializerError,
     RemoteTraceback,
-    TaskTimeout,
     UnpicklableError,
     WorkerCrashed,
     describe_exit,
@@ -155,6 +154,10 @@ class _Proc:
 class ProcessGear(Gear):
     name = "process"
     chunk_target = 0.02
+    costs = GearCosts(
+        handoff_per_batch=300e-6, batch_work=0.02, startup=0.01, startup_per_worker=0.01, reimports=True, pickles=True,
+        cpu_parallel="always", max_workers_per_core=4, tie_rank=20, measure=True, label="processes",
+    )
     pickles = True
 
     def __init__(
@@ -492,10 +495,8 @@ class ProcessGear(Gear):
             self._unloaded(proc, kind, msg[1], msg[2])
         elif kind == "init_error":
             _, exc, tb = msg
-            error = InitializerError(f"initializer {short_repr(self._spec.initializer)} raised {exc!r}")
             exc.__cause__ = RemoteTraceback(tb)
-            error.__cause__ = exc
-            self._init_error = error
+            self._init_error = initializer_error(self._spec.initializer, exc)
 
     def _unloaded(self, proc: _Proc, kind: str, exc: BaseException, tb: str) -> None:
         """The worker could not unpickle its head batch (an item) or the function.
@@ -571,12 +572,10 @@ class ProcessGear(Gear):
                         pos = 0
             if pos is not None:
                 task = batch.tasks[pos]
-                error: Exception
                 if proc.killed_for is not None:
-                    error = TaskTimeout(self._spec.timeout or 0.0, task.item, task.index)
+                    self._ready.append(timeout_outcome(task, self._spec.timeout, 0.0))
                 else:
-                    error = WorkerCrashed(exitcode, task.item, task.index)
-                self._ready.append(Outcome(task, False, error))
+                    self._ready.append(Outcome(task, False, WorkerCrashed(exitcode, task.item, task.index)))
                 self._unblamed.pop(bid, None)
                 rest = batch.tasks[:pos] + batch.tasks[pos + 1 :]
             else:

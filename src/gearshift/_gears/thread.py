@@ -14,9 +14,8 @@ import time
 from dataclasses import dataclass
 
 from gearshift._cancel import CancelToken
-from gearshift._gears._base import Gear, cpu_count, join_threads
-from gearshift._task import Batch, Outcome, Result, RunSpec, close_runner, run_batch, run_task
-from gearshift.errors import InitializerError, TaskTimeout
+from gearshift._gears._base import Gear, GearCosts, cpu_count, initializer_error, join_threads, timeout_outcome
+from gearshift._task import Batch, Result, RunSpec, close_runner, run_batch, run_task
 
 
 @dataclass(slots=True)
@@ -49,6 +48,10 @@ class _Run:
 class ThreadGear(Gear):
     name = "thread"
     chunk_target = 0.002
+    costs = GearCosts(
+        handoff_per_batch=30e-6, batch_work=0.002, startup_per_worker=1e-4, cpu_parallel="without_gil",
+        max_workers=128, tie_rank=10, label="threads",
+    )
 
     def __init__(self, workers: int | None = None, *, thread_name_prefix: str | None = None) -> None:
         """``thread_name_prefix``: threads are named ``f"{prefix}_{n}"`` (as ``ThreadPoolExecutor``
@@ -70,7 +73,7 @@ class ThreadGear(Gear):
     def submit(self, batch: Batch) -> None:
         run = self._run
         if run.init_error is not None:
-            raise InitializerError(f"a worker thread's initializer raised {run.init_error!r}") from run.init_error
+            raise initializer_error(run.spec.initializer, run.init_error)
         run.work.put(batch)
         if not run.idle.acquire(blocking=False):
             self._spawn()
@@ -152,8 +155,7 @@ class ThreadGear(Gear):
                     running.timed_out = True
                     running.token.cancel()
                     task = running.batch.tasks[running.pos]
-                    limit = run.spec.timeout or 0.0
-                    outcomes.append(Outcome(task, False, TaskTimeout(limit, task.item, task.index), limit))
+                    outcomes.append(timeout_outcome(task, run.spec.timeout))
                     run.stuck += 1
                     rest = running.batch.tasks[running.pos + 1 :]
                     if rest:
@@ -191,9 +193,7 @@ class ThreadGear(Gear):
                 escaped, run.escaped = run.escaped, None
                 raise escaped
             if run.init_error is not None:
-                raise InitializerError(
-                    f"initializer {run.spec.initializer!r} raised {run.init_error!r}"
-                ) from run.init_error
+                raise initializer_error(run.spec.initializer, run.init_error)
             return
         into.extend(got)
 
