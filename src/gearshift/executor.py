@@ -464,6 +464,7 @@ class _Core:
         self.rate = rate
         self.feed = Feed()
         self.lock = threading.Lock()
+        self.wrap_lock = threading.Lock()
         self.shutdown = False
         self.terminate_at_exit = False
         self.broken: BrokenExecutor | None = None
@@ -486,33 +487,37 @@ class _Core:
         if is_async_callable(fn):
             kind = _ASYNC[kind]
         key = (kind, _wrapper_key(fn))
-        wrapper = self.wrappers.get(key)
-        if wrapper is not None and _same_callable(wrapper.fn, fn):
-            return wrapper
-        wrapper = kind(fn)
-        self.gear.check(wrapper)
-        self.wrappers[key] = wrapper
+        with self.wrap_lock:  # the gear's check keeps a table of its own (the process gear's pickles)
+            wrapper = self.wrappers.get(key)
+            if wrapper is not None and _same_callable(wrapper.fn, fn):
+                return wrapper
+            wrapper = kind(fn)
+            self.gear.check(wrapper)
+            self.wrappers[key] = wrapper
         return wrapper
 
     def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future[Any]:
+        self._check_open()
         future: Future[Any] = Future()
-        with self.lock:
-            self._check_open()
-            wrapper = self.wrap(fn)
-            call = Call(args, kwargs, future if self.in_worker else None)
-            admit = None if self.in_worker else future.set_running_or_notify_cancel
-            self.put(Stream.call(wrapper, call, _FutureSink(self, future), admit))
+        call = Call(args, kwargs, future if self.in_worker else None)
+        admit = None if self.in_worker else future.set_running_or_notify_cancel
+        self.put(Stream.call(self.wrap(fn), call, _FutureSink(self, future), admit))
         return future
 
     def put(self, stream: Stream) -> None:
-        """Queue a stream of work (the lock is held); the driver starts with the first."""
-        self._check_open()
-        self.feed.put(stream)
-        if self.thread is None:
-            self.thread = threading.Thread(target=self.drive, name="gearshift-executor", daemon=True)
-            self.thread.start()
-            _live.add(self)
-            self.opened.wait()  # the gear forks its workers before the caller goes on
+        """Queue a stream of work; the driver starts with the first.
+
+        The caller waits until the gear is open (a process gear forks its workers first), but
+        not under the lock: a driver that fails to open takes the lock to break the executor.
+        """
+        with self.lock:
+            self._check_open()
+            self.feed.put(stream)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self.drive, name="gearshift-executor", daemon=True)
+                self.thread.start()
+                _live.add(self)
+        self.opened.wait()
 
     def _check_open(self) -> None:
         if self.broken is not None:
@@ -731,14 +736,13 @@ class Executor(_StdExecutor):
             args = list(args)  # as the stdlib's map: the iterables are read now, the calls queued now
         core = self._core
         buffer = _Buffer(ordered=True)
-        with core.lock:
-            # Exactly ``chunksize`` calls per dispatch, as the stdlib: calls may wait on each other, and
-            # a dropped map cancels what no worker holds yet (pass a larger chunksize for tiny calls).
-            stream = Stream(core.wrap(fn, _Spread), args, buffer, chunk=chunksize, lazy=lazy)
-            if lazy:
-                stream.limit = buffersize  # at most this many calls ahead of the consumer
-                stream.cut_at_close = True  # shutdown waits for calls already made, reads no more
-            core.put(stream)
+        # Exactly ``chunksize`` calls per dispatch, as the stdlib: calls may wait on each other, and
+        # a dropped map cancels what no worker holds yet (pass a larger chunksize for tiny calls).
+        stream = Stream(core.wrap(fn, _Spread), args, buffer, chunk=chunksize, lazy=lazy)
+        if lazy:
+            stream.limit = buffersize  # at most this many calls ahead of the consumer
+            stream.cut_at_close = True  # shutdown waits for calls already made, reads no more
+        core.put(stream)
         return Results(core, buffer, stream, goes_on=False, deadline=deadline)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:

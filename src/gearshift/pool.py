@@ -197,11 +197,10 @@ class Pool:
         """Queue one stream of calls on the pool's engine run."""
         self._check_running()
         core = self._executor._core
-        with core.lock:
-            stream = Stream(core.wrap(func, _Spread if star else _Each), items, sink, chunk=chunksize, lazy=lazy,
-                            drop_partial=lazy)
-            stream.limit = limit
-            core.put(stream)
+        stream = Stream(core.wrap(func, _Spread if star else _Each), items, sink, chunk=chunksize, lazy=lazy,
+                        drop_partial=lazy)
+        stream.limit = limit
+        core.put(stream)
         return stream
 
     def _map_async(

@@ -176,7 +176,7 @@ def main(
                 append(portable_exception(exc, tb))  # its own class when it can be rebuilt, else RemoteError
         tags[wid] = -1
         n = len(items)
-        items = None  # let the inputs go before the results are packed
+        items = item = value = None  # let the inputs go before the results are packed
         conn.send_bytes(_pack_results(bid, values, failures, perf() - start, parent))
         values = []
         done += n

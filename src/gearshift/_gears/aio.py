@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import inspect
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -69,6 +71,10 @@ class _Clock:
             self.handle = loop.call_later(left, self._check)
 
 
+def _same(fn: Any) -> Any:
+    return fn
+
+
 class AsyncGear(Gear):
     name = "async"
     chunk_target = 0.5
@@ -97,7 +103,7 @@ class AsyncGear(Gear):
         self._pool: DaemonThreadPool | None = None
         self._spec = RunSpec()
         self._token = CancelToken()
-        self._is_async: dict[int, bool] = {}
+        self._is_async: dict[int, tuple[Callable[[], Any], bool]] = {}
         self._escaped: BaseException | None = None
         self._closing = False  # the run is cancelling its tasks: their CancelledError is its own
 
@@ -187,10 +193,18 @@ class AsyncGear(Gear):
             handle.add_done_callback(self._tasks.discard)
 
     def _async(self, fn: Callable[..., Any]) -> bool:
+        # Keyed by id, so the entry keeps a (weak) reference to check: an id is unique only while
+        # its object lives, and an executor's run sees any number of short-lived wrappers.
         known = self._is_async.get(id(fn))
-        if known is None:
-            known = self._is_async[id(fn)] = is_async_callable(fn)
-        return known
+        if known is None or known[0]() is not fn:
+            if len(self._is_async) >= 256:
+                self._is_async.clear()  # bounded
+            try:
+                ref: Callable[[], Any] = weakref.ref(fn)
+            except TypeError:
+                ref = functools.partial(_same, fn)
+            known = self._is_async[id(fn)] = (ref, is_async_callable(fn))
+        return known[1]
 
     async def _call(self, fn: Callable[[Any], Any], item: Any, token: CancelToken, clock: _Clock | None) -> Any:
         """Run a blocking ``fn`` in a thread (``clock``: its timeout, counted from its start there)."""

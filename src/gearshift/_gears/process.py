@@ -26,6 +26,7 @@ stands in (each of its workers imports the function's module again).
 from __future__ import annotations
 
 import atexit
+import itertools
 import multiprocessing as mp
 import os
 import pickle
@@ -188,6 +189,7 @@ class ProcessGear(Gear):
         self._pending: deque[tuple[int, Batch]] = deque()
         self._ready: list[Result] = []
         self._fns: dict[int, _Fn] = {}
+        self._fn_keys = itertools.count()
         self._owner = os.getpid()
         self._next_bid = 0
         self._spec = RunSpec()
@@ -213,7 +215,7 @@ class ProcessGear(Gear):
 
     def _fn_entry(self, fn: Callable[..., Any]) -> _Fn:
         entry = self._fns.get(id(fn))
-        if entry is None or entry.fn is not fn:
+        if entry is None or entry.ref() is not fn:
             try:
                 payload, by_value = _fn_bytes(fn)
             except Exception as exc:
@@ -222,7 +224,7 @@ class ProcessGear(Gear):
                     "Everything it uses (globals, closure variables, bound objects) must be picklable; "
                     "use gear='thread' to run it without pickling."
                 ) from exc
-            entry = _Fn(len(self._fns), fn, payload, by_value)
+            entry = _Fn(next(self._fn_keys), _weak_or_strong(fn, self._fns), payload, by_value)
             self._fns[id(fn)] = entry
         return entry
 
@@ -664,12 +666,31 @@ class ProcessGear(Gear):
 
 @dataclass(eq=False)
 class _Fn:
-    """A function as the workers get it: its key in their tables and its pickled form."""
+    """A function as the workers get it: its key in their tables and its pickled form.
+
+    The parent holds the function weakly where it can (batches in flight hold it strongly):
+    a finished call's function, a bound method's object with it, is not kept for the run's
+    life (CPython's test_no_stale_references). Its entry leaves the table when it dies.
+    """
 
     key: int
-    fn: Callable[..., Any]
+    ref: Callable[[], Callable[..., Any] | None]
     payload: bytes
     by_value: bool
+
+
+def _weak_or_strong(fn: Callable[..., Any], table: dict[int, _Fn]) -> Callable[[], Callable[..., Any] | None]:
+    """A weak reference to ``fn`` that drops its entry from ``table`` when ``fn`` dies; a strong
+    one for what cannot be referenced weakly (builtins like ``len``, which live forever anyway)."""
+    key = id(fn)
+
+    def gone(_: object) -> None:
+        table.pop(key, None)
+
+    try:
+        return weakref.ref(fn, gone)
+    except TypeError:
+        return lambda: fn
 
 
 def _fn_bytes(fn: Callable[..., Any]) -> tuple[bytes, bool]:
