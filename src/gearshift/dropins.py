@@ -21,29 +21,27 @@ token) and ``retries=``. Done-callbacks run on the executor's callback thread.
 
 from __future__ import annotations
 
-import concurrent.futures as _cf
 import multiprocessing as mp
 import os
 import sys
 import threading
-import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
-from concurrent.futures._base import CANCELLED, PENDING
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures.process import BrokenProcessPool as _StdBrokenProcessPool
 from concurrent.futures.process import _RemoteTraceback as _StdRemoteTraceback
-from concurrent.futures.thread import BrokenThreadPool
+from concurrent.futures.thread import BrokenThreadPool as _StdBrokenThreadPool
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
-from typing import Any, ClassVar
+from typing import Any
 
+from gearshift._gears import Gear
 from gearshift._gears.process import ProcessGear
 from gearshift._gears.thread import ThreadGear
 from gearshift._retry import Retry
 from gearshift.errors import RemoteTraceback, UnpicklableError, WorkerCrashed
-from gearshift.executor import BrokenExecutor, Executor
+from gearshift.executor import BrokenExecutor, Executor, Policy
 
-__all__ = ["ProcessPoolExecutor", "ThreadPoolExecutor"]
+__all__ = ["BrokenProcessPool", "BrokenThreadPool", "ProcessPoolExecutor", "ThreadPoolExecutor"]
 
 #: Windows' limit on the handles ``WaitForMultipleObjects`` watches (as in concurrent.futures.process).
 _MAX_WINDOWS_WORKERS = 63 - 2
@@ -55,162 +53,52 @@ def _cpu_count() -> int:
     return int(counter() or 1)
 
 
-class _Linked(Future[Any]):
-    """The future the caller gets: mirrors the gearshift executor's own future (``inner``).
-
-    A layer of its own so the drop-in decides how a call ends (a crash breaks the pool)
-    before anyone sees the outcome. ``cancel`` and ``running`` ask the inner future, which
-    the worker marks RUNNING as it starts.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inner: Future[Any] | None = None
-
-    def cancel(self) -> bool:
-        inner = self.inner
-        if inner is not None and not inner.cancel():
-            return False
-        return super().cancel()
-
-    def running(self) -> bool:
-        inner = self.inner
-        with self._condition:
-            if self._state != PENDING:
-                return super().running()
-        return inner is not None and inner.running()
-
-    def cancelled_now(self) -> None:
-        """Cancelled and notified at once: ``wait``/``as_completed`` see it without delay."""
-        with self._condition:
-            if self._state == PENDING:
-                Future.cancel(self)
-            if self._state == CANCELLED:
-                self.set_running_or_notify_cancel()
+class BrokenThreadPool(BrokenExecutor, _StdBrokenThreadPool):
+    """A ``gs.ThreadPoolExecutor`` whose initializer failed: both ``concurrent.futures.thread.
+    BrokenThreadPool`` and ``gs.BrokenExecutor``."""
 
 
-def _settle_quietly(future: Future[Any], how: Callable[[Future[Any], Any], None], value: Any) -> None:
-    try:
-        how(future, value)
-    except _cf.InvalidStateError:
-        pass  # already failed: the pool broke first
+class BrokenProcessPool(BrokenExecutor, _StdBrokenProcessPool):
+    """A ``gs.ProcessPoolExecutor`` whose worker died or whose initializer failed: both
+    ``concurrent.futures.process.BrokenProcessPool`` and ``gs.BrokenExecutor``."""
 
 
-class _RunChunk:
-    """Calls ``fn`` on each argument tuple of a chunk (``ProcessPoolExecutor.map(chunksize=)``)."""
+class _Stdlib(Policy):
+    """The standard library's rules, where they differ from ``gs.Executor``'s."""
 
-    __slots__ = ("fn",)
+    def __init__(self, broken: type[BrokenExecutor], init_failed: str, crashed: str | None = None) -> None:
+        self._broken = broken
+        self._init_failed = init_failed
+        self._crashed = crashed
+        self.death_breaks = crashed is not None
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        self.fn = fn
+    def breaks_on(self, exc: BaseException) -> bool:
+        return self.death_breaks and isinstance(exc, WorkerCrashed)
 
-    def __call__(self, chunk: list[tuple[Any, ...]]) -> list[Any]:
-        return [self.fn(*args) for args in chunk]
+    def broken(self, gear: Gear, exc: BaseException) -> BrokenExecutor:
+        crashed = self._crashed is not None and isinstance(exc, WorkerCrashed)
+        return self._broken(self._crashed if crashed else self._init_failed)
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_RunChunk, (self.fn,))
-
-
-def _chunked(iterables: tuple[Iterable[Any], ...], size: int) -> Iterator[list[tuple[Any, ...]]]:
-    it = zip(*iterables, strict=False)
-    while True:
-        chunk = []
-        for args in it:
-            chunk.append(args)
-            if len(chunk) == size:
-                break
-        if not chunk:
-            return
-        yield chunk
-
-
-def _flatten(chunks: Iterator[list[Any]]) -> Iterator[Any]:
-    """Yield each chunk's results, letting go of each one as it is yielded (as the stdlib does)."""
-    for chunk in chunks:
-        chunk.reverse()
-        while chunk:
-            yield chunk.pop()
+    def as_raised(self, exc: BaseException) -> BaseException:
+        """The worker's traceback as the stdlib carries it: a ``_RemoteTraceback`` ``__cause__``."""
+        cause = exc.__cause__
+        if self._crashed is not None and isinstance(cause, RemoteTraceback):
+            exc.__cause__ = _StdRemoteTraceback(f'\n"""\n{cause.tb}"""')  # type: ignore[arg-type]  # (it takes the text)
+        return exc
 
 
 class _DropIn(Executor):
-    """What both drop-ins share: the linked futures, the broken state, stdlib ``map``."""
-
-    #: The stdlib's exception for a broken pool of this kind.
-    BROKEN: ClassVar[type[_cf.BrokenExecutor]]
-    #: The message the stdlib gives when an initializer fails.
-    INIT_FAILED: ClassVar[str]
-
-    def _dropin_init(self) -> None:
-        self._state_lock = threading.Lock()
-        self._broken: str | None = None
-        self._shutdown_called = False
-        self._waiting: dict[int, _Linked] = {}
-        self._breaker: threading.Thread | None = None
+    """What both drop-ins share: stdlib ``submit`` details and ``map``'s per-version signature."""
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        outer = _Linked()
-        with self._state_lock:
-            if self._broken is not None:
-                raise self.BROKEN(self._broken)
-            if self._shutdown_called:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            if sys.is_finalizing():
-                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
-            try:
-                inner = super().submit(fn, *args, **kwargs)
-            except BrokenExecutor as exc:
-                self._broken = self._broken_message(exc)
-                raise self.BROKEN(self._broken) from exc
-            except UnpicklableError as exc:  # the stdlib fails the future, not the call
-                outer.set_exception(exc)
-                return outer
-            outer.inner = inner
-            self._waiting[id(outer)] = outer
-        inner.add_done_callback(_Link(self, outer))
-        return outer
-
-    def _broken_message(self, exc: BaseException) -> str:
-        return self.INIT_FAILED
-
-    def _link_done(self, outer: _Linked, inner: Future[Any]) -> None:
-        """The gearshift future is done: end the caller's the stdlib's way."""
-        with self._state_lock:
-            self._waiting.pop(id(outer), None)
-        outer.inner = None
-        if inner.cancelled():
-            outer.cancelled_now()
-            return
-        exc = inner.exception()
-        if exc is None:
-            _settle_quietly(outer, Future.set_result, inner.result())
-        elif isinstance(exc, BrokenExecutor | WorkerCrashed):
-            self._break(exc, outer)
-        else:
-            _settle_quietly(outer, Future.set_exception, self._as_stdlib(exc))
-
-    def _as_stdlib(self, exc: BaseException) -> BaseException:
-        """A call's own exception, as the stdlib pool would raise it (the process pool adjusts it)."""
-        return exc
-
-    def _break(self, cause: BaseException, first: _Linked) -> None:
-        """Fail the crashed call's future and every pending one; refuse later submits; stop."""
-        with self._state_lock:
-            already = self._broken is not None
-            if not already:
-                self._broken = self._broken_message(cause)
-            message = self._broken
-            assert message is not None
-            waiting = [first, *self._waiting.values()]
-            self._waiting.clear()
-        for future in waiting:
-            error = self.BROKEN(message)
-            error.__cause__ = cause
-            future.inner = None
-            _settle_quietly(future, Future.set_exception, error)
-        if not already:
-            # Not from this thread: terminate() waits for the thread that runs this callback.
-            self._breaker = threading.Thread(target=Executor.terminate, args=(self,), name="gearshift-dropin-break")
-            self._breaker.start()
+        if sys.is_finalizing():
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+        try:
+            return super().submit(fn, *args, **kwargs)
+        except UnpicklableError as exc:  # the stdlib fails the future, not the call
+            future: Future[Any] = Future()
+            future.set_exception(exc)
+            return future
 
     if sys.version_info >= (3, 14):
 
@@ -222,67 +110,16 @@ class _DropIn(Executor):
             chunksize: int = 1,
             buffersize: int | None = None,
         ) -> Iterator[Any]:
-            """The stdlib's ``map``: calls submitted now (``buffersize`` ahead); ``timeout``: a deadline for all."""
-            return self._map(fn, iterables, timeout, chunksize, {"buffersize": buffersize})
+            """The stdlib's ``map``: calls queued now (``buffersize`` ahead); ``timeout``: a deadline for all."""
+            return super().map(fn, *iterables, timeout=timeout, chunksize=chunksize, buffersize=buffersize)
 
     else:
 
         def map(  # type: ignore[override]
             self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None, chunksize: int = 1
         ) -> Iterator[Any]:
-            """The stdlib's ``map``: every call submitted now; ``timeout``: a deadline for them all."""
-            return self._map(fn, iterables, timeout, chunksize, {})
-
-    def _map(
-        self,
-        fn: Callable[..., Any],
-        iterables: tuple[Iterable[Any], ...],
-        timeout: float | None,
-        chunksize: int,
-        extra: dict[str, Any],
-    ) -> Iterator[Any]:
-        return _cf.Executor.map(self, fn, *iterables, timeout=timeout, **extra)
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        with self._state_lock:
-            self._shutdown_called = True
-            waiting = list(self._waiting.values()) if cancel_futures else []
-        for future in waiting:
-            future.cancel()
-        super().shutdown(wait, cancel_futures=cancel_futures)
-        breaker = self._breaker
-        if wait and breaker is not None:
-            breaker.join()
-
-    def terminate(self) -> None:
-        with self._state_lock:
-            self._shutdown_called = True
-        super().terminate()
-        if self._breaker is not None:
-            self._breaker.join()
-
-
-class _Link:
-    """The done-callback joining a gearshift future to the caller's; holds the executor weakly,
-    so a dropped executor's finalizer still runs while calls are in flight."""
-
-    __slots__ = ("executor", "outer")
-
-    def __init__(self, executor: _DropIn, outer: _Linked) -> None:
-        self.executor = weakref.ref(executor)
-        self.outer = outer
-
-    def __call__(self, inner: Future[Any]) -> None:
-        executor = self.executor()
-        outer, self.outer = self.outer, None  # type: ignore[assignment]
-        if executor is not None:
-            executor._link_done(outer, inner)
-        elif inner.cancelled():
-            outer.cancelled_now()
-        elif inner.exception() is not None:
-            _settle_quietly(outer, Future.set_exception, inner.exception())
-        else:
-            _settle_quietly(outer, Future.set_result, inner.result())
+            """The stdlib's ``map``: every call queued now; ``timeout``: a deadline for them all."""
+            return super().map(fn, *iterables, timeout=timeout, chunksize=chunksize)
 
 
 def _check_initializer(initializer: Callable[..., object] | None) -> None:
@@ -302,8 +139,6 @@ class ThreadPoolExecutor(_DropIn):
     token; the thread cannot be killed) and ``retries``.
     """
 
-    BROKEN = BrokenThreadPool
-    INIT_FAILED = "A thread initializer failed, the thread pool is not usable anymore"
     _counter = iter(range(sys.maxsize))
 
     if sys.version_info >= (3, 14):
@@ -357,7 +192,9 @@ class ThreadPoolExecutor(_DropIn):
         super().__init__(
             gear, timeout=task_timeout, retries=retries, initializer=initializer, initargs=tuple(initargs)
         )
-        self._dropin_init()
+
+    def _policy(self) -> Policy:
+        return _Stdlib(BrokenThreadPool, "A thread initializer failed, the thread pool is not usable anymore")
 
     @property
     def _threads(self) -> set[threading.Thread]:
@@ -380,11 +217,6 @@ class ProcessPoolExecutor(_DropIn):
     fails with ``gs.TaskTimeout``; the pool stays usable) and ``retries``.
     """
 
-    BROKEN = BrokenProcessPool
-    INIT_FAILED = "A child process terminated abruptly, the process pool is not usable anymore"
-    CRASHED = (
-        "A process in the process pool was terminated abruptly while the future was running or pending."
-    )
 
     def __init__(
         self,
@@ -429,31 +261,13 @@ class ProcessPoolExecutor(_DropIn):
             initargs=tuple(initargs),
             max_tasks_per_worker=max_tasks_per_child,
         )
-        self._dropin_init()
 
-    def _as_stdlib(self, exc: BaseException) -> BaseException:
-        """The worker's traceback as the stdlib carries it: a ``_RemoteTraceback`` ``__cause__``."""
-        cause = exc.__cause__
-        if isinstance(cause, RemoteTraceback):
-            exc.__cause__ = _StdRemoteTraceback(f'\n"""\n{cause.tb}"""')  # type: ignore[arg-type]  # (typeshed; it takes the text)
-        return exc
-
-    def _broken_message(self, exc: BaseException) -> str:
-        return self.CRASHED if isinstance(exc, WorkerCrashed) else self.INIT_FAILED
-
-    def _map(
-        self,
-        fn: Callable[..., Any],
-        iterables: tuple[Iterable[Any], ...],
-        timeout: float | None,
-        chunksize: int,
-        extra: dict[str, Any],
-    ) -> Iterator[Any]:
-        """As the stdlib's: argument tuples travel ``chunksize`` at a time."""
-        if chunksize < 1:
-            raise ValueError("chunksize must be >= 1.")
-        chunks = _cf.Executor.map(self, _RunChunk(fn), _chunked(iterables, chunksize), timeout=timeout, **extra)
-        return _flatten(chunks)
+    def _policy(self) -> Policy:
+        return _Stdlib(
+            BrokenProcessPool,
+            "A child process terminated abruptly, the process pool is not usable anymore",
+            "A process in the process pool was terminated abruptly while the future was running or pending.",
+        )
 
     @property
     def _processes(self) -> dict[int, BaseProcess]:

@@ -39,7 +39,7 @@ from gearshift._gears import Gear, make_gear
 from gearshift._rate import parse_rate
 from gearshift._retry import Retry, as_retry
 from gearshift._task import RunSpec
-from gearshift.errors import Failure, GearshiftError, short_repr
+from gearshift.errors import Failure, GearshiftError, WorkerCrashed, short_repr
 
 __all__ = ["BrokenExecutor", "Executor"]
 
@@ -311,6 +311,34 @@ class _Terminated(BaseException):
     """Ends the executor's run at once (``terminate``): a BaseException, so the engine cancels."""
 
 
+class _Broken(BaseException):
+    """Ends the executor's run at once and breaks it (a drop-in whose worker died)."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(cause)
+        self.cause = cause
+
+
+class Policy:
+    """How an executor ends calls and breaks: ``gs.Executor``'s own rules; the drop-ins
+    (``gearshift.dropins``) override them with the standard library's."""
+
+    #: A worker that dies breaks the executor (the stdlib pools), instead of failing its call only.
+    death_breaks = False
+
+    def breaks_on(self, exc: BaseException) -> bool:
+        """Whether a call failing with ``exc`` breaks the executor."""
+        return False
+
+    def broken(self, gear: Gear, exc: BaseException) -> BrokenExecutor:
+        """The error every pending and later call fails with once the executor is broken."""
+        return BrokenExecutor(f"{gear.describe()} cannot run calls ({exc!r}): pending and later calls fail")
+
+    def as_raised(self, exc: BaseException) -> BaseException:
+        """A call's exception as its future raises it."""
+        return exc
+
+
 class _FutureSink:
     """A submitted call's result goes to its future."""
 
@@ -457,8 +485,13 @@ class _Core:
     every scheduling decision (window, chunks, retries, rate, timeouts) is the engine's.
     """
 
-    def __init__(self, gear: Gear, spec: RunSpec, retry: Retry | None, rate: str | float | None) -> None:
+    def __init__(
+        self, gear: Gear, spec: RunSpec, retry: Retry | None, rate: str | float | None, policy: Policy
+    ) -> None:
         self.gear = gear
+        self.policy = policy
+        if policy.death_breaks and hasattr(gear, "on_death"):
+            gear.on_death = self.worker_died
         self.spec = spec
         self.retry = retry
         self.rate = rate
@@ -502,6 +535,7 @@ class _Core:
         call = Call(args, kwargs, future if self.in_worker else None)
         admit = None if self.in_worker else future.set_running_or_notify_cancel
         self.put(Stream.call(self.wrap(fn), call, _FutureSink(self, future), admit))
+        self.gear.prestart(1)
         return future
 
     def put(self, stream: Stream) -> None:
@@ -513,15 +547,25 @@ class _Core:
         with self.lock:
             self._check_open()
             self.feed.put(stream)
-            if self.thread is None:
-                self.thread = threading.Thread(target=self.drive, name="gearshift-executor", daemon=True)
-                self.thread.start()
-                _live.add(self)
+            self._start()
         self.opened.wait()
+
+    def start(self) -> None:
+        """Start the driver (it opens the gear: a process gear forks its workers) and wait for it."""
+        with self.lock:
+            self._check_open()
+            self._start()
+        self.opened.wait()
+
+    def _start(self) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self.drive, name="gearshift-executor", daemon=True)
+            self.thread.start()
+            _live.add(self)
 
     def _check_open(self) -> None:
         if self.broken is not None:
-            raise BrokenExecutor(*self.broken.args) from self.broken.__cause__
+            raise type(self.broken)(*self.broken.args) from self.broken.__cause__
         if self.shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
 
@@ -586,11 +630,18 @@ class _Core:
         """Complete ``future`` with what the engine delivered for its call."""
         if value is _CANCELLED:
             return
-        if isinstance(value, Failure):
-            exc = value.exception
-            self.complete(future, Future.set_exception, exc.exc if isinstance(exc, _Escaped) else exc)
-        else:
+        if not isinstance(value, Failure):
             self.complete(future, Future.set_result, value)
+            return
+        exc = value.exception
+        exc = exc.exc if isinstance(exc, _Escaped) else exc
+        if self.policy.breaks_on(exc):
+            # The drop-ins' rule (a dead worker breaks the pool): this call fails as broken, and
+            # the driver breaks the executor at its next admission (not here, mid-delivery).
+            self.complete(future, Future.set_exception, self.broken_error(exc))
+            self.feed.terminate(_Broken(exc))
+            return
+        self.complete(future, Future.set_exception, self.policy.as_raised(exc))
 
     def complete(self, future: Future[Any], how: Callable[[Future[Any], Any], None], value: Any) -> None:
         """Complete ``future`` here if it has no done-callbacks, else on the callback thread.
@@ -619,6 +670,8 @@ class _Core:
                 del ready  # a finished call's result is not kept until the next one
         except _Terminated:
             self.feed.abandon_all(RuntimeError("executor terminated"))
+        except _Broken as broken:
+            self.break_down(broken.cause)
         except BaseException as exc:
             self.break_down(exc)
         finally:
@@ -628,13 +681,22 @@ class _Core:
             self.callbacks.close()
             self.driver_ended.set()
 
+    def broken_error(self, exc: BaseException) -> BrokenExecutor:
+        broken = self.policy.broken(self.gear, exc)
+        broken.__cause__ = exc
+        return broken
+
     def break_down(self, exc: BaseException) -> None:
         """The gear cannot run calls: fail running, queued and later calls with BrokenExecutor."""
-        broken = BrokenExecutor(f"{self.gear.describe()} cannot run calls ({exc!r}): pending and later calls fail")
-        broken.__cause__ = exc
+        broken = self.broken_error(exc)
         with self.lock:
             self.broken = broken
         self.feed.abandon_all(broken)
+
+    def worker_died(self, exitcode: int | None) -> None:
+        """The gear lost a worker that was not told to leave (called on the driver's thread)."""
+        if self.policy.death_breaks:
+            self.feed.terminate(_Broken(WorkerCrashed(exitcode, None, -1)))
 
 
 class Executor(_StdExecutor):
@@ -690,10 +752,14 @@ class Executor(_StdExecutor):
         spec = RunSpec(timeout, initializer, tuple(initargs), max_tasks_per_worker)
         chosen = make_gear(gear, count)
         chosen.claim()
-        self._core = _Core(chosen, spec, retry, rate)
+        self._core = _Core(chosen, spec, retry, rate, self._policy())
         self._lock = self._core.lock
         self._finalizer = weakref.finalize(self, self._core.dropped)
         self._finalizer.atexit = False  # exit is handled by _finish_at_exit, before threads stop
+
+    def _policy(self) -> Policy:
+        """The rules for ending calls and breaking (the drop-ins give the stdlib's)."""
+        return Policy()
 
     @property
     def gear(self) -> Gear:

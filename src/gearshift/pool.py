@@ -8,16 +8,18 @@ lambdas work in processes, and a crashed worker fails only its own task.
 from __future__ import annotations
 
 import multiprocessing
+import warnings
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, wait
 from multiprocessing.context import BaseContext
+from multiprocessing.pool import RemoteTraceback as _MpRemoteTraceback  # type: ignore[attr-defined]
 from typing import Any
 
 from gearshift._feed import Stream
 from gearshift._gears import Gear, ProcessGear
 from gearshift._retry import Retry
-from gearshift.errors import Failure
-from gearshift.executor import Executor, Results, _Buffer, _Core, _Each, _Escaped, _Spread
+from gearshift.errors import Failure, RemoteTraceback
+from gearshift.executor import Executor, Policy, Results, _Buffer, _Core, _Each, _Escaped, _Spread
 
 __all__ = ["AsyncResult", "Pool"]
 
@@ -104,6 +106,22 @@ class _ListSink:
         self.core.complete(self.future, Future.set_exception, exc)
 
 
+class _PoolPolicy(Policy):
+    """``multiprocessing.Pool``'s rules: a worker's traceback is the ``__cause__`` as a
+    ``multiprocessing.pool.RemoteTraceback``."""
+
+    def as_raised(self, exc: BaseException) -> BaseException:
+        cause = exc.__cause__
+        if isinstance(cause, RemoteTraceback):
+            exc.__cause__ = _MpRemoteTraceback(cause.tb)
+        return exc
+
+
+class _PoolExecutor(Executor):
+    def _policy(self) -> Policy:
+        return _PoolPolicy()
+
+
 class Pool:
     """A drop-in for ``multiprocessing.Pool`` whose workers run in any gear.
 
@@ -143,7 +161,7 @@ class Pool:
                 raise ValueError(f"context= is for the process gear, not gear={gear!r}")
             chosen = ProcessGear(count, mp_context=context)
             count = None
-        self._executor = Executor(
+        self._executor = _PoolExecutor(
             chosen,
             count,
             initializer=initializer,
@@ -155,6 +173,20 @@ class Pool:
         )
         self._executor._core.terminate_at_exit = True  # as multiprocessing.Pool's finalizer does
         self._state = "RUN"
+        self._executor._core.start()  # workers from the start, as multiprocessing.Pool's
+        self._executor.gear.prestart(self.workers)
+
+    @property
+    def _pool(self) -> list[Any]:
+        """The worker processes (or threads) now, as ``multiprocessing.Pool._pool`` (CPython's tests count them)."""
+        gear = self._executor.gear
+        if isinstance(gear, ProcessGear):
+            return [proc.process for proc in list(gear._procs.values()) if not proc.leaving]
+        return list(getattr(gear, "_threads", []))
+
+    def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
+        if getattr(self, "_state", None) == "RUN":
+            _warn(f"unclosed running multiprocessing pool {self!r}", ResourceWarning, source=self)
 
     @property
     def workers(self) -> int:
@@ -212,6 +244,9 @@ class Pool:
         future: Future[Any] = Future()
         future.set_running_or_notify_cancel()
         result = AsyncResult(future, callback, error_callback)
+        if not items:  # nothing to run: ready now, even while the workers are busy (as the stdlib's)
+            future.set_result([])
+            return result
         self._stream(func, items, _ListSink(self._executor._core, len(items), future),
                      self._chunksize(len(items), chunksize), star)
         return result

@@ -212,6 +212,10 @@ class Gear(ABC):
         """End this gear's run: the next run may claim it."""
         self.in_use = False
 
+    def prestart(self, calls: int) -> None:  # noqa: B027 - optional hook
+        """From a caller's thread, after ``open``: ``calls`` more calls are coming; a gear that
+        starts workers lazily may start them now (the thread gear does, as the stdlib's pool)."""
+
     def check(self, fn: Callable[..., Any]) -> None:  # noqa: B027 - optional hook
         """Raise before any worker starts if ``fn`` cannot run in this gear."""
 

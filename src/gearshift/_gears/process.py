@@ -190,6 +190,9 @@ class ProcessGear(Gear):
         self._ready: list[Result] = []
         self._fns: dict[int, _Fn] = {}
         self._fn_keys = itertools.count()
+        #: Told when a worker dies that was not told to leave (a crash, a kill from outside, idle
+        #: or busy), with its exit code; the drop-in ProcessPoolExecutor breaks the pool on it.
+        self.on_death: Callable[[int | None], None] | None = None
         self._owner = os.getpid()
         self._next_bid = 0
         self._spec = RunSpec()
@@ -546,6 +549,8 @@ class ProcessGear(Gear):
         if proc.process.pid is not None:
             _wire.sweep(self._owner, proc.process.pid)  # results it wrote but never sent
         requeue: list[tuple[int, Batch]] = []
+        if self.on_death is not None and not proc.leaving and proc.killed_for is None:
+            self.on_death(exitcode)
         if not proc.ready:
             # It died starting up (in the initializer, say): no item is to blame.
             self._deaths_in_row += 1

@@ -78,6 +78,20 @@ class ThreadGear(Gear):
         if not run.idle.acquire(blocking=False):
             self._spawn()
 
+    def prestart(self, calls: int) -> None:
+        """From a caller's thread, as work is queued (after ``open``): make sure a thread is there
+        for ``calls`` more calls, as ``ThreadPoolExecutor.submit`` does, instead of waiting for
+        the engine to hand the work over; ``workers`` threads at most, an idle one reused."""
+        run = self._run
+        for _ in range(min(calls, self.workers)):
+            if run.idle.acquire(blocking=False):
+                run.idle.release()  # an idle thread will take it: only looked, not taken
+                return
+            with self._lock:
+                if len(self._threads) - run.stuck >= self.workers:
+                    return
+            self._spawn()
+
     def _spawn(self) -> None:
         """Start a thread unless ``workers`` threads are already usable (stuck ones don't count)."""
         with self._lock:
