@@ -115,6 +115,13 @@ def contenders(w: Workload, procs: int, free_threaded: bool) -> list[Contender]:
                 return list(ex.map(fn, items))
 
         out.append(Contender("tpe", f"ThreadPoolExecutor({threads})", PEER, tpe))
+        if hasattr(gs, "ThreadPoolExecutor"):  # (absent from gearshift before issue 13: before/after runs)
+
+            def gs_tpe(items: list[Any]) -> list[Any]:
+                with gs.ThreadPoolExecutor(threads) as ex:
+                    return list(ex.map(fn, items))
+
+            out.append(Contender("gs-tpe", f"gs.ThreadPoolExecutor({threads})", GEARSHIFT, gs_tpe))
         if have("joblib"):
             out.append(Contender("joblib-threads", f"joblib threading({threads})", PEER,
                                  lambda items: _joblib(fn, items, threads, "threading")))
@@ -143,6 +150,19 @@ def contenders(w: Workload, procs: int, free_threaded: bool) -> list[Contender]:
 
         out.append(Contender("ppe", f"ProcessPoolExecutor({procs})", PEER, ppe))
         out.append(Contender("mp-pool", f"multiprocessing.Pool({procs})", PEER, mp_pool))
+        if hasattr(gs, "ProcessPoolExecutor"):  # the drop-ins, called exactly as the stdlib's above
+
+            def gs_ppe(items: list[Any]) -> list[Any]:
+                with gs.ProcessPoolExecutor(procs) as ex:
+                    return list(ex.map(fn, items, chunksize=pool_chunksize(len(items), procs)))
+
+            out.append(Contender("gs-ppe", f"gs.ProcessPoolExecutor({procs})", GEARSHIFT, gs_ppe))
+
+        def gs_pool(items: list[Any]) -> list[Any]:
+            with gs.Pool(procs) as pool:
+                return pool.map(fn, items)
+
+        out.append(Contender("gs-mp-pool", f"gs.Pool({procs})", GEARSHIFT, gs_pool))
         if have("joblib"):
             out.append(Contender("loky", f"joblib loky({procs})", PEER, loky_cold,
                                  setup=lambda _: loky_shutdown()))

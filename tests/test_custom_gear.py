@@ -113,7 +113,7 @@ def test_the_solo_gear_times_out_late_but_fails_the_item(solo: types.ModuleType)
 
 def test_the_advisor_predicts_and_measures_the_solo_gear(solo: types.ModuleType) -> None:
     """Listed beside the built-ins from its declared costs; measured (measure=True) when in question."""
-    advice = gs.advise(spin_a_little, [2000] * 4, workers=1)
+    advice = gs.advise(spin_a_little, [100_000] * 4, workers=1)
     solo_prediction = advice.predictions["solo"]
     assert solo_prediction.applicable and solo_prediction.workers == 1
     assert solo_prediction.speedup <= 1.0  # one thread never beats the caller: never chosen
@@ -121,11 +121,12 @@ def test_the_advisor_predicts_and_measures_the_solo_gear(solo: types.ModuleType)
     assert advice.measurements.round_trips["solo"] > 0 and solo_prediction.measured
     assert "solo gear measured: round trip" in str(advice)
     # Without workers=1 the gear is not in question: predicted from its declaration, not measured.
-    free = gs.advise(spin_a_little, [2000] * 4)
+    free = gs.advise(spin_a_little, [100_000] * 4)
     assert "solo" in free.predictions and free.gear != "solo"
 
 
 def spin_a_little(n: int) -> int:
+    """About 1 ms for n=100_000: far above the advisor's 20 µs floor, below which no gear is measured."""
     return sum(range(n))
 
 

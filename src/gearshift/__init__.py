@@ -27,6 +27,7 @@ from gearshift._gears import (
 from gearshift._gears.auto import AutoGear  # importing it registers gear="auto"
 from gearshift._retry import Retry
 from gearshift._task import Batch, Done, Outcome, RunSpec
+from gearshift.dropins import BrokenProcessPool, BrokenThreadPool, ProcessPoolExecutor, ThreadPoolExecutor
 from gearshift.errors import (
     Failure,
     GearshiftError,
@@ -39,7 +40,7 @@ from gearshift.errors import (
     WorkerCrashed,
 )
 from gearshift.executor import BrokenExecutor, Executor
-from gearshift.pool import AsyncResult, Pool
+from gearshift.pool import AsyncResult, Pool, ThreadPool
 
 __version__ = "0.1.0"
 
@@ -50,6 +51,8 @@ __all__ = [
     "AutoGear",
     "Batch",
     "BrokenExecutor",
+    "BrokenProcessPool",
+    "BrokenThreadPool",
     "CancelToken",
     "Done",
     "Executor",
@@ -62,6 +65,7 @@ __all__ = [
     "Outcome",
     "Pool",
     "ProcessGear",
+    "ProcessPoolExecutor",
     "RemoteError",
     "RemoteTraceback",
     "Report",
@@ -73,6 +77,8 @@ __all__ = [
     "TaskCancelled",
     "TaskTimeout",
     "ThreadGear",
+    "ThreadPool",
+    "ThreadPoolExecutor",
     "UnpicklableError",
     "WorkerCrashed",
     "advise",

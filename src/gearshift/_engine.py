@@ -235,6 +235,10 @@ class Scheduler:
             # One batch read ahead keeps the gear fed (it refills while the window runs); more
             # would only let the input run further ahead of the results.
             source.capacity = chunk
+            if feed is not None:
+                # A stream's own chunk size wins (the hint read above may be another stream's),
+                # but never more items than the rate allows now.
+                feed.cap = chunk if limiter is not None else None
             # A short batch is worth sending only while the gear runs low; otherwise wait for a full one.
             items = source.take(chunk, partial_ok=self._outstanding < max(1, window // 2))
             n = len(items)

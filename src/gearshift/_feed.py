@@ -116,6 +116,8 @@ class Feed:
         self.batch_fn: Callable[[Any], Any] | None = None
         #: The chunk size the head stream asks for, if it asks (read by the scheduler).
         self.chunk_hint: int | None = None
+        #: Most items the scheduler allows in the next batch, when it limits them (a rate).
+        self.cap: int | None = None
 
     # -- any thread -----------------------------------------------------------------------
     def put(self, stream: Stream) -> None:
@@ -226,7 +228,9 @@ class Feed:
                 return []  # its consumer is behind: no more reading until it catches up
             n = min(n, room)
         source = stream.source
-        size = n if stream.chunk is None else min(stream.chunk, n)  # the scheduler may want fewer (rate)
+        size = n if stream.chunk is None else stream.chunk
+        if self.cap is not None:
+            size = min(size, self.cap)  # the scheduler may allow fewer (a rate)
         if stream.admit is not None and not stream.admit():  # a single call whose future was cancelled
             source.done = True
             return []

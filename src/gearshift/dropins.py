@@ -96,6 +96,7 @@ class _DropIn(Executor):
         try:
             return super().submit(fn, *args, **kwargs)
         except UnpicklableError as exc:  # the stdlib fails the future, not the call
+            self._core.start()  # and has its workers up all the same
             future: Future[Any] = Future()
             future.set_exception(exc)
             return future

@@ -21,7 +21,7 @@ from gearshift._retry import Retry
 from gearshift.errors import Failure, RemoteTraceback
 from gearshift.executor import Executor, Policy, Results, _Buffer, _Core, _Each, _Escaped, _Spread
 
-__all__ = ["AsyncResult", "Pool"]
+__all__ = ["AsyncResult", "Pool", "ThreadPool"]
 
 
 class AsyncResult:
@@ -323,3 +323,21 @@ class Pool:
 
     def __repr__(self) -> str:
         return f"<gearshift.Pool state={self._state} {self._executor.gear.describe()}>"
+
+
+class ThreadPool(Pool):
+    """``multiprocessing.pool.ThreadPool``: a ``gs.Pool`` whose workers are threads."""
+
+    def __init__(
+        self,
+        processes: int | None = None,
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple[Any, ...] = (),
+        *,
+        retries: int | Retry | None = 0,
+        task_timeout: float | None = None,
+        rate: str | float | None = None,
+    ) -> None:
+        super().__init__(
+            processes, initializer, initargs, gear="thread", retries=retries, task_timeout=task_timeout, rate=rate
+        )
