@@ -26,6 +26,19 @@ def sha(x: int) -> str:
     return hashlib.sha256(BUF).hexdigest()
 
 
+def _calibrated_spin(seconds: float) -> int:
+    """The ``spin`` argument that takes about ``seconds`` on this machine (machines differ 3x)."""
+    spin(20_000)
+    start = time.perf_counter()
+    spin(200_000)
+    per_unit = (time.perf_counter() - start) / 200_000
+    return max(10_000, int(seconds / per_unit))
+
+
+#: About 3 ms of pure-Python CPU per call, whatever the machine: workloads sized in time, not in loops.
+SPIN_3MS = _calibrated_spin(0.003)
+
+
 def spin_pid(n: int) -> int:
     spin(n)
     return os.getpid()
@@ -50,9 +63,9 @@ def test_default_gear_is_auto() -> None:
 
 def test_pure_python_cpu_shifts_to_processes() -> None:
     # ~1 s serial: long enough for a pool to pay on a busy machine, also where workers start by
-    # forkserver (3.14), whose start-up the model counts (at 0.5 s it chose serial under load)
-    out = gs.map(spin, [60_000] * 300)
-    assert out == [spin(60_000)] * 300
+    # forkserver (3.14), whose start-up the model counts (at 0.3 s it rightly chooses serial there)
+    out = gs.map(spin, [SPIN_3MS] * 300)
+    assert out == [spin(SPIN_3MS)] * 300
     report = out.report
     assert report.gear.startswith("process"), (report.gear, report.reasons)
     assert isinstance(report.advice, gs.Advice) and report.advice.gear == "process"
@@ -99,8 +112,9 @@ def test_gil_releasing_hashing_is_not_serial_or_async() -> None:
 
 def test_unpicklable_closure_never_goes_to_processes() -> None:
     lock = threading.Lock()
-    out = gs.map(lambda n: (lock, spin(n))[1], [60_000] * 40)
-    assert out == [spin(60_000)] * 40
+    # ~0.6 s: enough for processes to be the choice but for the lock (as above, 3.14 counts start-up)
+    out = gs.map(lambda n: (lock, spin(n))[1], [SPIN_3MS] * 200)
+    assert out == [spin(SPIN_3MS)] * 200
     assert not out.report.gear.startswith("process"), out.report.reasons
     assert any("cannot be pickled" in r for r in out.report.reasons)
 
@@ -116,7 +130,8 @@ def test_free_threaded_build_runs_cpu_work_in_threads() -> None:
 
 def test_few_heavy_items_lose_no_wave() -> None:
     """Four long CPU items: the first ones run in probe threads, the rest in processes; each once."""
-    out = gs.map(spin_pid, [6_000_000] * 4)  # long enough that even a forkserver start (3.14) pays
+    # ~0.4 s each (sized in time): long enough that even a forkserver start (3.14) pays
+    out = gs.map(spin_pid, [_calibrated_spin(0.4)] * 4)
     assert len(out) == 4
     me = os.getpid()
     pids = Counter(out)

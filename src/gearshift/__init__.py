@@ -25,6 +25,7 @@ from gearshift._gears import (
     register_gear,
 )
 from gearshift._gears.auto import AutoGear  # importing it registers gear="auto"
+from gearshift._pipeline_report import PipelineReport, StageReport
 from gearshift._retry import Retry
 from gearshift._task import Batch, Done, Outcome, RunSpec
 from gearshift.dropins import BrokenProcessPool, BrokenThreadPool, ProcessPoolExecutor, ThreadPoolExecutor
@@ -40,6 +41,7 @@ from gearshift.errors import (
     WorkerCrashed,
 )
 from gearshift.executor import BrokenExecutor, Executor
+from gearshift.pipeline import Pipeline, PipelineIterator
 from gearshift.pool import AsyncResult, Pool, ThreadPool
 
 __version__ = "0.1.0"
@@ -63,6 +65,9 @@ __all__ = [
     "GearshiftError",
     "InitializerError",
     "Outcome",
+    "Pipeline",
+    "PipelineIterator",
+    "PipelineReport",
     "Pool",
     "ProcessGear",
     "ProcessPoolExecutor",
@@ -74,6 +79,7 @@ __all__ = [
     "Retry",
     "RunSpec",
     "SerialGear",
+    "StageReport",
     "TaskCancelled",
     "TaskTimeout",
     "ThreadGear",

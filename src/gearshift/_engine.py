@@ -34,7 +34,16 @@ from gearshift._gears.aio import AsyncGear
 from gearshift._progress import Progress, ProgressArg, make_progress
 from gearshift._rate import RateLimiter, parse_rate
 from gearshift._retry import Retry, as_retry
-from gearshift._sources import POLL, _AsyncPuller, _bound_to_its_thread, _Inline, _nothing, _Puller, input_length
+from gearshift._sources import (
+    POLL,
+    Channel,
+    _AsyncPuller,
+    _bound_to_its_thread,
+    _Inline,
+    _nothing,
+    _Puller,
+    input_length,
+)
 from gearshift._task import Batch, Done, Outcome, Result, RunSpec, Task, format_tb
 from gearshift.errors import Failure, short_repr
 
@@ -64,6 +73,8 @@ class Report:
     failures_by_type: Counter[str] = field(default_factory=Counter)
     chunksize: int = 1
     wall: float = 0.0
+    #: Seconds the calls took, summed over every attempt (busy time: what the workers spent).
+    busy: float = 0.0
     reasons: list[str] = field(default_factory=list)
     advice: Any = None
 
@@ -90,7 +101,7 @@ class Scheduler:
     def __init__(
         self,
         fn: Callable[[Any], Any],
-        items: Iterable[Any] | AsyncIterable[Any] | Feed,
+        items: Iterable[Any] | AsyncIterable[Any] | Feed | Channel,
         gear: Gear,
         *,
         ordered: bool = True,
@@ -116,9 +127,11 @@ class Scheduler:
         self._limiter = None if rate is None else RateLimiter(parse_rate(rate))
         self.total: int | None = input_length(items)
         self._feed: Feed | None = items if isinstance(items, Feed) else None
-        self._source: _Inline | _Puller | Feed
+        self._source: _Inline | _Puller | Feed | Channel
         if self._feed is not None:
             self._source = self._feed
+        elif isinstance(items, Channel):
+            self._source = items
         elif hasattr(items, "__aiter__") and not hasattr(items, "__iter__"):
             self._source = _AsyncPuller(items, max(1, gear.window(1)))
         elif pull == "caller" or (pull == "auto" and (self.total is not None or _bound_to_its_thread(items))):
@@ -138,6 +151,10 @@ class Scheduler:
         self._per_item: float | None = None
         self._rate_wait = 0.0
         self.report = Report(gear=gear.describe(), workers=gear.workers)
+        #: Items for which this is true skip the function and are released as they are, in
+        #: their place (a pipeline's earlier failures under "collect" pass a later stage).
+        self.passthrough: Callable[[Any], bool] | None = None
+        self._aborted: BaseException | None = None
         self._progress: Progress = make_progress(progress, self.total, fn_name(fn))
         self._started = time.perf_counter()
 
@@ -193,6 +210,15 @@ class Scheduler:
         """Wait for the input's thread to end (see ``_Puller.join``)."""
         self._source.join()
 
+    def abort(self, exc: BaseException) -> None:
+        """From any thread: the driver raises ``exc`` at its next step (a pipeline stopping every stage)."""
+        self._aborted = exc
+        self._source.stop()
+        try:
+            self.gear.wake()
+        except Exception:  # not open, or closed already: the driver is not waiting in it
+            pass
+
     def _window(self, chunk: int) -> int:
         # Under a rate no item waits in a gear's queue (one item per worker at most), so an
         # item starts when its token is taken, never in a clump after a queue drains.
@@ -204,6 +230,8 @@ class Scheduler:
         Never blocks: fresh input is what the source holds now. Under a rate every item
         takes a token, retries included, and a batch holds no more items than tokens are free.
         """
+        if self._aborted is not None:
+            raise self._aborted
         batches: list[Batch] = []
         limiter = self._limiter
         self._rate_wait = 0.0
@@ -249,13 +277,31 @@ class Scheduler:
             fn = self.fn
             if feed is not None and feed.batch_fn is not None:
                 fn, feed.batch_fn = feed.batch_fn, None  # the feed keeps no finished call's function
+            self._admitted += n
+            if self.passthrough is not None and any(map(self.passthrough, items)):
+                self._pass_around(fn, items, batches)
+                continue
             batches.append(Batch.run(fn, self._next_index, items))
             self._next_index += n
             self._outstanding += n
-            self._admitted += n
             if n > self.report.chunksize:
                 self.report.chunksize = n
         return batches
+
+    def _pass_around(self, fn: Callable[[Any], Any], items: list[Any], batches: list[Batch]) -> None:
+        """Items the ``passthrough`` picks are released in place; the runs between them are batches."""
+        passes = self.passthrough
+        assert passes is not None
+        for passing, group in itertools.groupby(items, key=passes):
+            run = list(group)
+            if passing:
+                for value in run:
+                    self._release(self._next_index, value)
+                    self._next_index += 1
+            else:
+                batches.append(Batch.run(fn, self._next_index, run))
+                self._next_index += len(run)
+                self._outstanding += len(run)
 
     def raise_input_error(self) -> None:
         """At the end of a run, raise the exception the input raised, after its items' results.
@@ -266,6 +312,8 @@ class Scheduler:
         exc = self._source.error
         if exc is None:
             return
+        if getattr(self._source, "relays", False):
+            raise exc  # an earlier stage's input error, noted where it first happened
         exc.add_note(f"gearshift: the input raised after {self._next_index} items; their results were delivered")
         if type(exc).__name__ == "ProgrammingError" and "thread" in str(exc):
             exc.add_note(
@@ -324,6 +372,7 @@ class Scheduler:
             else:
                 report.skipped += 1
                 self._release(task.index, _SKIP)
+        report.busy += timed
         if released:
             self._progress.update(released)
             measured = timed / released

@@ -251,3 +251,168 @@ class _AsyncPuller(_Puller):
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
         self._buf.clear()
+
+
+class Channel:
+    """A bounded hand-off from one thread to another: a pipeline stage's results to the next stage.
+
+    The producer blocks in ``put_many`` while the channel holds ``size`` items (backpressure:
+    a fast stage never floods memory in front of a slow one). The consumer is either a
+    scheduler, for which the channel is a source like the others (``take`` never blocks and
+    asks to be woken, as ``_Puller`` does), or a caller of ``get_many``. ``close`` ends it after
+    its items, with the producer's input error if there was one (raised after them, as
+    ``imap`` does); ``abort`` ends it at once for both sides. The channel also keeps the
+    time-averaged number of items waiting in it (``mean_length``), for the pipeline's report.
+    """
+
+    threaded = False
+    #: Its error comes from an earlier stage, which already said where it happened.
+    relays = True
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"a channel holds at least one item, got size={size}")
+        self.size = size
+        self._buf: deque[Any] = deque()
+        self._cond = threading.Condition(threading.Lock())
+        self.capacity = size  # (the scheduler's read-ahead hint: the channel's own bound is ``size``)
+        self.done = False
+        self.error: BaseException | None = None
+        self._aborted: BaseException | None = None
+        self._reader_gone = False
+        self._wake: Callable[[], None] = _nothing
+        self._want = 0
+        #: Called (from the producer's thread) after items arrive or the channel ends: an async reader's nudge.
+        self.listener: Callable[[], None] = _nothing
+        self.put_count = 0
+        self.taken = 0
+        self._opened = self._last = time.monotonic()
+        self._area = 0.0
+        self._closed_at: float | None = None
+
+    # -- accounting (under the lock) ----------------------------------------------------
+    def _tick(self) -> None:
+        now = time.monotonic()
+        self._area += len(self._buf) * (now - self._last)
+        self._last = now
+
+    def mean_length(self) -> float:
+        """Items waiting in the channel, averaged over its life so far."""
+        with self._cond:
+            self._tick()
+            end = self._closed_at if self._closed_at is not None else self._last
+            span = end - self._opened
+            return self._area / span if span > 0 else 0.0
+
+    def __len__(self) -> int:
+        return len(self._buf)
+
+    # -- the producer ---------------------------------------------------------------------
+    def put_many(self, values: list[Any]) -> None:
+        """Add ``values``, waiting for room as needed; raises what ``abort`` was given if aborted."""
+        i, n = 0, len(values)
+        wake = False
+        with self._cond:
+            while i < n:
+                while len(self._buf) >= self.size and self._aborted is None and not self._reader_gone:
+                    self._cond.wait()
+                if self._aborted is not None:
+                    raise self._aborted
+                if self._reader_gone:
+                    return  # nobody will read them (the reader ended): drop, never block
+                room = self.size - len(self._buf)
+                self._tick()
+                self._buf.extend(values[i : i + room])
+                i += room
+                self._cond.notify_all()
+                if self._want and len(self._buf) >= self._want:
+                    self._want = 0
+                    wake = True
+            self.put_count += n
+        if wake:
+            self._call_wake()
+        self.listener()
+
+    def close(self, error: BaseException | None = None) -> None:
+        """No more items: the reader gets what is here, then ``error`` if given, then the end."""
+        with self._cond:
+            if self.done:
+                return
+            self.done = True
+            self.error = error
+            self._cond.notify_all()
+        self._call_wake()
+        self.listener()
+
+    def abort(self, exc: BaseException) -> None:
+        """End now for both sides: a waiting producer raises ``exc``, a scheduler reading it too."""
+        with self._cond:
+            if self._aborted is not None:
+                return
+            self._aborted = exc
+            self.error = exc  # a BaseException, not an Exception: the scheduler raises it at once
+            self.done = True
+            self._buf.clear()
+            self._closed_at = time.monotonic()
+            self._cond.notify_all()
+        self._call_wake()
+        self.listener()
+
+    # -- the reader -----------------------------------------------------------------------
+    @property
+    def exhausted(self) -> bool:
+        return self.done and not self._buf
+
+    def start(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+        if self.done:
+            self._call_wake()
+
+    def _call_wake(self) -> None:
+        try:
+            self._wake()
+        except Exception:  # the reader's gear closed meanwhile: nobody is waiting
+            pass
+
+    def take(self, n: int, partial_ok: bool) -> list[Any]:
+        """Up to ``n`` items now (never more than the channel can hold); fewer only if
+        ``partial_ok`` or the channel ended. Otherwise asks to be woken when there are enough."""
+        n = min(n, self.size)
+        with self._cond:
+            have = len(self._buf)
+            if have >= n or (have and (partial_ok or self.done)):
+                self._tick()
+                buf = self._buf
+                items = [buf.popleft() for _ in range(min(n, have))]
+                self.taken += len(items)
+                self._cond.notify_all()
+                return items
+            if not self.done:
+                self._want = 1 if partial_ok else n
+            return []
+
+    def get_many(self, timeout: float) -> list[Any] | None:
+        """Everything here now, waiting up to ``timeout`` for something; [] if nothing came,
+        None once the channel ended and is empty (then read ``error``)."""
+        with self._cond:
+            if not self._buf and not self.done:
+                self._cond.wait(timeout)
+            if self._buf:
+                self._tick()
+                items = list(self._buf)
+                self._buf.clear()
+                self.taken += len(items)
+                self._cond.notify_all()
+                return items
+            return None if self.done else []
+
+    def stop(self) -> None:
+        """The reader is done (its run ended): a producer still putting must not wait for it."""
+        with self._cond:
+            self._reader_gone = True
+            self._closed_at = self._closed_at or time.monotonic()
+            self._cond.notify_all()
+        self._wake = _nothing
+
+    def join(self) -> None:
+        pass

@@ -204,7 +204,8 @@ def describe_exit(exitcode: int | None) -> str:
 class Failure:
     """An item that failed, kept in place of its result under ``errors="collect"``.
 
-    ``traceback`` is the formatted traceback from the worker that ran it.
+    ``traceback`` is the formatted traceback from the worker that ran it; ``stage`` the
+    pipeline stage that failed (None outside pipelines), whose input ``item`` and ``index`` are.
     """
 
     item: Any
@@ -212,6 +213,8 @@ class Failure:
     traceback: str = ""
     index: int | None = None
     attempts: int = 1
+    stage: str | None = None
 
     def __str__(self) -> str:
-        return f"Failure(item #{self.index} {short_repr(self.item)}: {self.exception!r})"
+        where = "" if self.stage is None else f" in stage {self.stage!r}"
+        return f"Failure(item #{self.index} {short_repr(self.item)}{where}: {self.exception!r})"

@@ -61,6 +61,9 @@ class ThreadGear(Gear):
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._run = _Run(RunSpec())
+        #: Between open and close: no thread is started outside a run (one would wait forever
+        #: on a run nobody closes, e.g. a ``prestart`` from a submitter racing a shutdown).
+        self._open = False
 
     @classmethod
     def default_workers(cls) -> int:
@@ -68,7 +71,9 @@ class ThreadGear(Gear):
         return min(32, 4 * cpu_count() + 4)
 
     def open(self, spec: RunSpec) -> None:
-        self._run = _Run(spec)
+        with self._lock:
+            self._run = _Run(spec)
+            self._open = True
 
     def submit(self, batch: Batch) -> None:
         run = self._run
@@ -88,7 +93,7 @@ class ThreadGear(Gear):
                 run.idle.release()  # an idle thread will take it: only looked, not taken
                 return
             with self._lock:
-                if len(self._threads) - run.stuck >= self.workers:
+                if not self._open or run is not self._run or len(self._threads) - run.stuck >= self.workers:
                     return
             self._spawn()
 
@@ -96,7 +101,7 @@ class ThreadGear(Gear):
         """Start a thread unless ``workers`` threads are already usable (stuck ones don't count)."""
         with self._lock:
             run = self._run
-            if len(self._threads) - run.stuck < self.workers:
+            if self._open and len(self._threads) - run.stuck < self.workers:
                 n = len(self._threads)
                 name = f"{self.thread_name_prefix}_{n}" if self.thread_name_prefix else f"gearshift-thread-{n}"
                 thread = threading.Thread(target=self._worker, args=(run,), name=name, daemon=True)
@@ -224,6 +229,7 @@ class ThreadGear(Gear):
                 except queue.Empty:
                     break
         with self._lock:
+            self._open = False
             threads, self._threads = self._threads, []
             abandoned = {ident for ident, running in run.running.items() if running.timed_out}
         for _ in threads:
