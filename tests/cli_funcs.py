@@ -135,3 +135,17 @@ def wait_for_lines(path: str, n: int, proc: Any, timeout: float = 60.0) -> int:
             raise AssertionError(f"the run ended (exit {proc.returncode}) before writing {n} lines")
         time.sleep(0.01)
     raise AssertionError(f"{path} did not reach {n} lines in {timeout}s")
+
+
+async def aidentity(x: Any) -> Any:
+    """An async first stage (the async gear) for --then pipelines."""
+    await asyncio.sleep(0.001)
+    return x
+
+
+def isqrt_or_fail(x: int) -> int:
+    """A --then stage that fails on multiples of 7 (whose squares it is given): a later stage's failure."""
+    root = round(x**0.5)
+    if root % 7 == 0:
+        raise ValueError(f"{root} is a multiple of 7")
+    return root

@@ -355,3 +355,35 @@ def test_input_is_streamed_not_read_whole(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
     assert sorted(r["index"] for r in read_records(str(out))) == list(range(22))
+
+
+def test_then_runs_a_pipeline_and_a_killed_one_resumes_exactly_once(tmp_path: Path) -> None:
+    """--then: square (processes) -> isqrt_or_fail (threads); failures of the later stage are recorded
+    with their input's index; a SIGKILL mid-run then --resume leaves each input's record exactly once."""
+    n = 3000
+    inp, out = numbers(tmp_path / "in.jsonl", n), tmp_path / "out.jsonl"
+    args = ["run", "cli_funcs:square_slowly", "-i", str(inp), "-o", str(out), "--gear", "process", "-w", "2",
+            "--then", "cli_funcs:isqrt_or_fail@thread", "--then", "cli_funcs:aidentity@async"]
+    proc = subprocess.Popen([*GS, *args], env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_lines(str(out), 200, proc)
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    done = gs(*args, "--resume")
+    assert done.returncode == 1, done.stderr  # the multiples of 7 failed
+    assert "resuming" in done.stderr and "isqrt_or_fail" in done.stderr  # the report names the stages
+    records = read_records(str(out))
+    indexes = [r["index"] for r in records]
+    assert len(indexes) == len(set(indexes)) and sorted(indexes) == list(range(n))
+    for r in records:
+        if r["index"] % 7 == 0:
+            assert r["error"]["type"] == "ValueError" and "multiple of 7" in r["error"]["message"], r
+        else:
+            assert r["result"] == r["index"], r

@@ -152,10 +152,14 @@ def cli() -> None:
                    "with --resume: resume although the input changed.")
 @click.option("--echo-input/--no-echo-input", default=True, show_default=True,
               help="Copy each input into its record.")
+@click.option("--then", "then", multiple=True, metavar="MODULE:FUNC[@GEAR]",
+              help="A further stage, given the previous one's result (repeatable): a pipeline whose stages "
+                   "run at once, each in its own gear (default auto); the record holds the last result.")
 @debug_option
 def run(target: str, input_path: str, output: str, fmt: str | None, kwargs: bool | None, gear: str | None,
         workers: int | None, timeout: float | None, retries: int, rate: str | None, ordered: bool, errors: str,
-        progress: bool, resume: bool, retry_failed: bool, overwrite: bool, force: bool, echo_input: bool) -> None:
+        progress: bool, resume: bool, retry_failed: bool, overwrite: bool, force: bool, echo_input: bool,
+        then: tuple[str, ...]) -> None:
     """Run MODULE:FUNC over every input in FILE, into a durable, resumable results file.
 
     Each record is {"index", "line", "input", "result" | "error": {"type", "message",
@@ -169,6 +173,7 @@ def run(target: str, input_path: str, output: str, fmt: str | None, kwargs: bool
     \b
     Example:
       gearshift run mymodule:work --input items.jsonl --output results.jsonl --gear process
+      gearshift run jobs:download --gear async --then jobs:parse@process --then jobs:store@thread -i urls.txt
     """
     from gearshift._cli.guard import Refused
     from gearshift._cli.run import run as run_command
@@ -186,6 +191,13 @@ def run(target: str, input_path: str, output: str, fmt: str | None, kwargs: bool
     if force and not (resume or overwrite):
         _fail("--force goes with --overwrite (replace a file gearshift did not write) "
               "or --resume (resume although the input changed)")
+    stages: list[tuple[str, str]] = []
+    for spec in then:
+        func, _, then_gear = spec.partition("@")
+        then_gear = then_gear or "auto"
+        if then_gear not in _gear_choices():
+            _fail(f"--then {spec}: unknown gear {then_gear!r}; choose one of {', '.join(_gear_choices())}")
+        stages.append((func, then_gear))
     if rate is not None:
         from gearshift._rate import parse_rate
 
@@ -198,7 +210,7 @@ def run(target: str, input_path: str, output: str, fmt: str | None, kwargs: bool
         gear=gear or "auto", workers=workers, timeout=timeout, retries=retries, rate=rate, ordered=ordered,
         errors=errors,  # type: ignore[arg-type]
         progress=progress, resume=resume, retry_failed=retry_failed, echo_input=echo_input,
-        overwrite=overwrite, force=force,
+        overwrite=overwrite, force=force, then=stages,
     )
     try:
         code = run_command(opts)

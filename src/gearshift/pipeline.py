@@ -276,7 +276,7 @@ class Pipeline:
         if chunksize != "auto" and (isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1):
             raise ValueError(f"chunksize must be 'auto' or a positive int, got {chunksize!r}")
         taken = {s.name for s in self._stages}
-        base = name if name is not None else fn_name(fn)
+        base = name if name is not None else fn_name(fn).rsplit(".", 1)[-1]  # "slow", not "main.<locals>.slow"
         unique, n = base, 1
         while unique in taken:
             n += 1

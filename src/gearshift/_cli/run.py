@@ -28,7 +28,7 @@ import gearshift as gs
 from gearshift._cli import guard
 from gearshift._cli.inputs import Format, Item, check_readable, count_inputs, display_name, read_items
 from gearshift._cli.outputs import RecordWriter, Recovered, recover, safe_str
-from gearshift._cli.target import MalformedInput, make_call
+from gearshift._cli.target import MalformedInput, make_call, make_then
 from gearshift._retry import Retry
 
 EXIT_OK = 0
@@ -81,6 +81,8 @@ class RunOptions:
     echo_input: bool = True
     overwrite: bool = False
     force: bool = False
+    #: Further stages (``--then MODULE:FUNC@gear``): a pipeline, each given the previous result.
+    then: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -169,7 +171,8 @@ def user_frames(tb: str) -> str:
 def record_of(value: Any, in_flight: dict[int, Item], echo_input: bool) -> tuple[dict[str, Any], bool]:
     """The JSON record for one outcome from the wrapper (or its ``gs.Failure``), and ok."""
     failure = isinstance(value, gs.Failure)
-    index = value.item.index if failure else value[0]
+    # A failure in a --then stage holds that stage's input: (index, previous result, elapsed).
+    index = (value.item.index if isinstance(value.item, Item) else value.item[0]) if failure else value[0]
     item = in_flight.pop(index)
     record: dict[str, Any] = {"index": item.index, "line": item.line}
     if echo_input:
@@ -271,10 +274,20 @@ def run(opts: RunOptions) -> int:
     except OSError as exc:
         raise guard.Refused(f"cannot write --output {opts.output}: {exc.strerror or exc}") from None
     started = time.perf_counter()
-    results = gs.imap(
-        call, items, gear=gear, workers=opts.workers, ordered=opts.ordered, errors="collect",
-        progress=opts.progress, timeout=opts.timeout, retries=retries, rate=opts.rate,
-    )
+    results: gs.ResultIterator | gs.PipelineIterator
+    if opts.then:
+        pipe = gs.Pipeline(items, errors="collect", ordered=opts.ordered, progress=opts.progress).map(
+            call, gear=gear, workers=opts.workers, timeout=opts.timeout, retries=retries, rate=opts.rate,
+            name=opts.target,
+        )
+        for spec, then_gear in opts.then:
+            pipe = pipe.map(make_then(spec), gear=then_gear, timeout=opts.timeout, retries=retries, name=spec)
+        results = iter(pipe)
+    else:
+        results = gs.imap(
+            call, items, gear=gear, workers=opts.workers, ordered=opts.ordered, errors="collect",
+            progress=opts.progress, timeout=opts.timeout, retries=retries, rate=opts.rate,
+        )
     code = EXIT_OK
     stopped: BaseException | None = None
     try:
@@ -366,7 +379,9 @@ def _finish_hint(opts: RunOptions, cover: Coverage) -> None:
     _say(f"to finish the run{stdin}: {resume_command(opts.output)}", bold=True)
 
 
-def _summary(opts: RunOptions, tally: Tally, report: gs.Report, gear: str, wall: float, already: int) -> None:
+def _summary(
+    opts: RunOptions, tally: Tally, report: gs.Report | gs.PipelineReport, gear: str, wall: float, already: int
+) -> None:
     done = tally.succeeded + tally.failed
     rate = done / wall if wall > 0 else 0.0
     failed = f"{tally.failed} failed"
@@ -383,8 +398,12 @@ def _summary(opts: RunOptions, tally: Tally, report: gs.Report, gear: str, wall:
         _say(f"  {tally.skipped} failures not recorded (--errors skip): a --resume run tries them again")
     if already:
         _say(f"  {already} inputs were already done (--resume)")
-    _say(f"  gear: {report.gear or gear}" + (f", chunks of {report.chunksize}" if report.chunksize > 1 else ""))
-    for reason in report.reasons:
-        _say(f"  why: {reason}")
+    if isinstance(report, gs.PipelineReport):
+        for line in str(report).splitlines()[1:]:
+            _say(f"  {line}")
+    else:
+        _say(f"  gear: {report.gear or gear}" + (f", chunks of {report.chunksize}" if report.chunksize > 1 else ""))
+        for reason in report.reasons:
+            _say(f"  why: {reason}")
     if opts.output != "-":
         _say(f"  results: {opts.output} ({tally.written} records written)")

@@ -141,3 +141,50 @@ class AsyncCall(Call):
             _note_elapsed(exc, start)
             raise
         return item.index, result, time.perf_counter() - start
+
+
+def make_then(spec: str, cwd: str | None = None) -> ThenCall:
+    """The wrapper for a ``--then`` stage: async when the function is."""
+    fn = resolve(spec, cwd)
+    from gearshift._gears.aio import is_async_callable
+
+    cls = AsyncThenCall if is_async_callable(fn) else ThenCall
+    return cls(fn, spec, cwd if cwd is not None else os.getcwd(), False)
+
+
+class ThenCall(Call):
+    """A later stage: ``fn(result)`` for the previous stage's ``(index, result, elapsed)``, same shape out."""
+
+    def __call__(self, previous: tuple[int, Any, float]) -> tuple[int, Any, float]:  # type: ignore[override]
+        index, value, before = previous
+        start = time.perf_counter()
+        try:
+            result = self.fn(value)
+        except SystemExit as exc:
+            failure = _exit_failure(exc)
+            _note_elapsed(failure, start)
+            raise failure from exc
+        except BaseException as exc:
+            _note_elapsed(exc, start)
+            raise
+        return index, result, before + time.perf_counter() - start
+
+
+class AsyncThenCall(ThenCall):
+    """A later stage whose function is ``async def``."""
+
+    async def __call__(self, previous: tuple[int, Any, float]) -> tuple[int, Any, float]:  # type: ignore[override]
+        index, value, before = previous
+        start = time.perf_counter()
+        try:
+            result = self.fn(value)
+            if inspect.isawaitable(result):
+                result = await result
+        except SystemExit as exc:
+            failure = _exit_failure(exc)
+            _note_elapsed(failure, start)
+            raise failure from exc
+        except BaseException as exc:
+            _note_elapsed(exc, start)
+            raise
+        return index, result, before + time.perf_counter() - start
