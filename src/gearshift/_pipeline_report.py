@@ -29,14 +29,18 @@ class StageReport:
     passed: int = 0  # earlier failures passed through untouched (errors="collect")
     busy: float = 0.0  # seconds its calls took, summed
     wall: float = 0.0
+    active: float = 0.0  # seconds from its first item in to its last item out (0: unknown, use wall)
     mean_queue: float = 0.0  # items waiting in front of it, time-averaged
     buffer: int = 0  # the most that may wait in front of it
     reasons: list[str] = field(default_factory=list)
 
     @property
     def busy_share(self) -> float:
-        """Share of its workers' time spent in calls (1.0: every worker always busy)."""
-        slots = self.wall * max(1, self.workers)
+        """Share of its workers' time in calls while it had work to do (1.0: every worker always busy).
+
+        Counted over its active span, not the whole run: a pipeline fills and drains, and a
+        stage cannot be busy before its first item reaches it."""
+        slots = (self.active or self.wall) * max(1, self.workers)
         return min(1.0, self.busy / slots) if slots > 0 else 0.0
 
     @property
@@ -71,12 +75,12 @@ class PipelineReport:
 
     @property
     def bottleneck(self) -> StageReport | None:
-        """The stage that limits the whole: the busiest (its workers idle least), then the one
-        with the lowest capacity; None when no stage did any work."""
-        worked = [s for s in self.stages if s.busy > 0]
+        """The stage that limits the whole: the lowest ``capacity`` (the items per second it can
+        take with every worker busy, from its measured call times); None when no stage did work."""
+        worked = [s for s in self.stages if s.busy > 0 and s.capacity != float("inf")]
         if not worked:
             return None
-        return max(worked, key=lambda s: (round(s.busy_share, 2), -s.capacity))
+        return min(worked, key=lambda s: s.capacity)
 
     def lift(self) -> str:
         """What would lift the bottleneck, in words."""
@@ -89,9 +93,10 @@ class PipelineReport:
         head = ("stage", "gear", "in", "out", "failed", "busy", "items/s", "queue")
         rows = [head]
         for s in self.stages:
+            queue = f"{s.mean_queue:.1f}/{s.buffer}" if s.buffer else "(source)"
             rows.append((
                 s.name, s.gear, str(s.items_in), str(s.items_out), str(s.failed),
-                f"{s.busy_share:.0%}", f"{s.throughput:,.1f}", f"{s.mean_queue:.1f}/{s.buffer}",
+                f"{s.busy_share:.0%}", f"{s.throughput:,.1f}", queue,
             ))
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         lines = [
@@ -104,7 +109,7 @@ class PipelineReport:
         b = self.bottleneck
         if b is not None:
             bound = "" if b.capacity == float("inf") else f", which bounds the whole at about {b.capacity:,.1f} items/s"
-            lines.append(f"bottleneck: {b.name} ({b.gear}, busy {b.busy_share:.0%}){bound}")
+            lines.append(f"bottleneck: {b.name} ({b.gear}, busy {b.busy_share:.0%} while it had work){bound}")
             lines.append(f"to lift it: {self.lift()}")
         for s in self.stages:
             lines.extend(f"{s.name}: {reason}" for reason in s.reasons)

@@ -285,6 +285,7 @@ class Channel:
         #: Called (from the producer's thread) after items arrive or the channel ends: an async reader's nudge.
         self.listener: Callable[[], None] = _nothing
         self.put_count = 0
+        self.first_put: float | None = None  # (monotonic) when the first item arrived
         self.taken = 0
         self._opened = self._last = time.monotonic()
         self._area = 0.0
@@ -312,6 +313,8 @@ class Channel:
         """Add ``values``, waiting for room as needed; raises what ``abort`` was given if aborted."""
         i, n = 0, len(values)
         wake = False
+        if self.first_put is None and n:
+            self.first_put = time.monotonic()
         with self._cond:
             while i < n:
                 while len(self._buf) >= self.size and self._aborted is None and not self._reader_gone:

@@ -440,6 +440,8 @@ class _Run:
         self.started_at = time.perf_counter()
         self.ended_at: float | None = None
         self.out_counts = [0] * n
+        self.last_out: list[float | None] = [None] * n  # (monotonic) each stage's last output
+        self.started_mono = time.monotonic()
         self.passed = [0] * n
         self.samples: list[tuple[float, list[int], list[int]]] = []
         self._monitor: threading.Thread | None = None
@@ -470,6 +472,7 @@ class _Run:
             self.specs.append(spec)
         self._catch_sigterm()
         self.started_at = time.perf_counter()
+        self.started_mono = time.monotonic()
         for k in reversed(range(len(self.stages))):
             # Each gear opens (a process gear forks) before any stage upstream runs user code.
             thread = threading.Thread(
@@ -511,6 +514,7 @@ class _Run:
                     values = [x for v in values for x in (v if type(v) is list else (v,))]
                 self.out_counts[k] += len(values)
                 out.put_many(values)
+                self.last_out[k] = time.monotonic()
             out.close()
         except _Stopped:
             pass
@@ -638,12 +642,15 @@ class _Run:
             scheduler = self.schedulers[k] if k < len(self.schedulers) else None
             r = scheduler.report if scheduler is not None else None
             gear = self.gears[k] if k < len(self.gears) else None
+            first = self.started_mono if channel is None else channel.first_put
+            last = self.last_out[k]
+            active = last - first if first is not None and last is not None and last > first else 0.0
             items_in = (channel.taken if channel is not None else (r.succeeded + r.failed + self.passed[k] if r else 0))
             stages.append(StageReport(
                 name=stage.name, kind=stage.kind, gear=r.gear if r else "", gear_name=gear.name if gear else "",
                 workers=r.workers if r else 0, items_in=items_in, items_out=self.out_counts[k],
                 failed=r.failed if r else 0, skipped=r.skipped if r else 0, retried=r.retried if r else 0,
-                passed=self.passed[k], busy=r.busy if r else 0.0, wall=wall,
+                passed=self.passed[k], busy=r.busy if r else 0.0, wall=wall, active=active,
                 mean_queue=channel.mean_length() if channel is not None else 0.0,
                 buffer=channel.size if channel is not None else 0, reasons=list(r.reasons) if r else [],
             ))
