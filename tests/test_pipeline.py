@@ -384,3 +384,23 @@ def test_a_signal_stops_every_stage_of_a_real_process(sig: int, tmp_path: Any) -
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.timeout(60)
+def test_pull_caller_reads_the_source_on_the_iterating_thread_and_keeps_its_error() -> None:
+    readers = set()
+
+    def source() -> Iterator[int]:
+        for i in range(2000):
+            readers.add(threading.get_ident())
+            yield i
+        raise LookupError("source broke")
+
+    got = []
+    with pytest.raises(LookupError, match="source broke"):
+        for x in gs.Pipeline(source(), pull="caller", buffer=64).map(plus_one, gear="thread", workers=2):
+            got.append(x)
+    assert got == [x + 1 for x in range(2000)]
+    assert readers == {threading.get_ident()}
+    with pytest.raises(ValueError, match="pull must be"):
+        gs.Pipeline([1], pull="nobody")  # type: ignore[arg-type]

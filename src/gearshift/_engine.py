@@ -19,6 +19,7 @@ import heapq
 import itertools
 import math
 import signal
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -55,6 +56,10 @@ PULL_MODES = ("auto", "thread", "caller")
 MAX_CHUNK = 50_000
 #: Chunks are capped so the known remaining input makes at least this many per worker (tail balance).
 CHUNKS_PER_WORKER = 4
+#: A batch holds about this many bytes of items at most (estimated from the items' sizes), so big
+#: items (MiB each) go a few at a time however cheap the call: the input read ahead, the batches in
+#: flight and the results waiting are bounded in bytes, not only in items.
+CHUNK_BYTES = 8 << 20
 
 _SKIP = object()
 
@@ -149,6 +154,7 @@ class Scheduler:
         self._next_release = 0
         self.ready: deque[tuple[int, Any]] = deque()
         self._per_item: float | None = None
+        self._item_bytes = 0  # estimated size of an item (from one item per batch)
         self._rate_wait = 0.0
         self.report = Report(gear=gear.describe(), workers=gear.workers)
         #: Items for which this is true skip the function and are released as they are, in
@@ -166,6 +172,8 @@ class Scheduler:
         if target <= 0 or self._per_item is None:
             return 1
         size = int(target / max(self._per_item, 1e-7))
+        if self._item_bytes:
+            size = min(size, CHUNK_BYTES // self._item_bytes)
         if self.total is not None:
             remaining = self.total - self._next_index
             size = min(size, math.ceil(remaining / (CHUNKS_PER_WORKER * self.gear.workers)))
@@ -175,6 +183,11 @@ class Scheduler:
     def exhausted(self) -> bool:
         """No more fresh input: the source ended (or raised) and everything it gave was admitted."""
         return self._source.exhausted
+
+    @property
+    def input_error(self) -> BaseException | None:
+        """What the input itself raised (after its items are delivered, ``raise_input_error`` raises it)."""
+        return self._source.error
 
     @property
     def reads_on_thread(self) -> bool:
@@ -274,6 +287,8 @@ class Scheduler:
                 break
             if limiter is not None:
                 limiter.take(n)
+            if self._fixed_chunk is None:
+                self._item_bytes = _size_of(items[0])
             fn = self.fn
             if feed is not None and feed.batch_fn is not None:
                 fn, feed.batch_fn = feed.batch_fn, None  # the feed keeps no finished call's function
@@ -439,6 +454,23 @@ class Scheduler:
         self._progress.close()
         self.report.items = self.report.succeeded + self.report.failed
         self.report.wall = time.perf_counter() - self._started
+
+
+def _size_of(item: Any) -> int:
+    """An item's size in bytes, roughly: its own, plus its first elements' for a tuple, list or dict.
+
+    Enough to see the big ones (bytes, str, NumPy arrays, records holding them) at the cost of a
+    few ``sys.getsizeof`` calls per batch.
+    """
+    try:
+        size = sys.getsizeof(item)
+        if isinstance(item, (tuple, list)):
+            size += sum(sys.getsizeof(x) for x in item[:16])
+        elif isinstance(item, dict):
+            size += sum(sys.getsizeof(v) for v in itertools.islice(item.values(), 16))
+        return int(size)
+    except Exception:  # a custom __sizeof__ that fails: size unknown
+        return 0
 
 
 class _SigTerm:

@@ -305,18 +305,23 @@ class Channel:
             span = end - self._opened
             return self._area / span if span > 0 else 0.0
 
-    def __len__(self) -> int:
+    def waiting(self) -> int:
+        """Items in it now. (Not ``__len__``: a channel has no length as an input, it is open-ended.)"""
         return len(self._buf)
 
     # -- the producer ---------------------------------------------------------------------
     def put_many(self, values: list[Any]) -> None:
-        """Add ``values``, waiting for room as needed; raises what ``abort`` was given if aborted."""
+        """Add ``values``, waiting for room as needed; raises what ``abort`` was given if aborted.
+
+        The reader is woken as soon as what it asked for is there, before any wait for room:
+        a producer with more items than the channel holds must not sleep on a reader asleep.
+        """
         i, n = 0, len(values)
-        wake = False
         if self.first_put is None and n:
             self.first_put = time.monotonic()
-        with self._cond:
-            while i < n:
+        while i < n:
+            wake = False
+            with self._cond:
                 while len(self._buf) >= self.size and self._aborted is None and not self._reader_gone:
                     self._cond.wait()
                 if self._aborted is not None:
@@ -326,15 +331,15 @@ class Channel:
                 room = self.size - len(self._buf)
                 self._tick()
                 self._buf.extend(values[i : i + room])
+                self.put_count += min(room, n - i)
                 i += room
                 self._cond.notify_all()
                 if self._want and len(self._buf) >= self._want:
                     self._want = 0
                     wake = True
-            self.put_count += n
-        if wake:
-            self._call_wake()
-        self.listener()
+            if wake:
+                self._call_wake()
+            self.listener()
 
     def close(self, error: BaseException | None = None) -> None:
         """No more items: the reader gets what is here, then ``error`` if given, then the end."""

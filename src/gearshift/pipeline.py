@@ -21,8 +21,10 @@ An exception raised by the source itself comes out after every result of the ite
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import inspect
+import itertools
 import signal
 import threading
 import time
@@ -35,13 +37,13 @@ from typing import Any, Literal
 
 from gearshift._api import GearArg, _check_timeout, _prepare, _workers
 from gearshift._calls import fn_name, is_async_callable
-from gearshift._engine import ERROR_POLICIES, ErrorPolicy, Scheduler, drive
+from gearshift._engine import ERROR_POLICIES, PULL_MODES, ErrorPolicy, PullArg, Scheduler, drive
 from gearshift._gears import Gear, gear_class
 from gearshift._gears._base import CANCEL_GRACE, cpu_count
 from gearshift._pipeline_report import PipelineReport, StageReport
 from gearshift._progress import ProgressArg, make_progress
 from gearshift._retry import Retry
-from gearshift._sources import Channel, input_length
+from gearshift._sources import Channel, _bound_to_its_thread, input_length
 from gearshift._task import RunSpec
 from gearshift.errors import Failure
 
@@ -148,6 +150,11 @@ class Pipeline:
     ``ordered``: results in source order end to end (each stage keeps order), or as they come.
     ``buffer``: items that may wait between two stages (a stage's ``buffer=`` overrides it).
     ``progress``: a progress bar of the results out of the last stage.
+    ``pull``: who reads the source. "thread" (the default for any source but the ones below):
+    the first stage's own thread, so a slow source never stalls the results. "caller": the
+    thread iterating over the pipeline, between results, for sources bound to their thread
+    (a sqlite3 cursor, which "auto" detects); it reads while the pipeline waits for results,
+    a queue's worth (``buffer``) at a time.
 
     A Pipeline is a recipe: each ``map``/``filter``/``flat_map`` returns a new one, and each
     iteration (``for``, ``async for``, ``run()``) is a run of its own over the source.
@@ -161,7 +168,10 @@ class Pipeline:
         ordered: bool = True,
         buffer: int = DEFAULT_BUFFER,
         progress: ProgressArg = False,
+        pull: PullArg = "auto",
     ) -> None:
+        if pull not in PULL_MODES:
+            raise ValueError(f"pull must be one of {PULL_MODES}, got {pull!r}")
         if not (hasattr(source, "__iter__") or hasattr(source, "__aiter__")):
             raise TypeError(f"a pipeline's source must be iterable (or async iterable), got {type(source).__name__}")
         if errors not in ERROR_POLICIES:
@@ -172,6 +182,7 @@ class Pipeline:
         self._ordered = ordered
         self._buffer = buffer
         self._progress = progress
+        self._pull: PullArg = pull
         self._stages: tuple[_Stage, ...] = ()
         #: The report of the last run that ended (None before any).
         self.report: PipelineReport | None = None
@@ -284,7 +295,7 @@ class Pipeline:
         stage = _Stage(kind, fn, unique, gear, _workers(workers, concurrency), chunksize, _check_timeout(timeout),
                        retries, rate, errors, initializer, tuple(initargs), max_tasks_per_worker, buffer)
         new = Pipeline(self._source, errors=self._errors, ordered=self._ordered, buffer=self._buffer,
-                       progress=self._progress)
+                       progress=self._progress, pull=self._pull)
         new._stages = (*self._stages, stage)
         return new
 
@@ -417,8 +428,14 @@ class _Run:
         self.stages = pipe._stages
         self.ordered = pipe._ordered
         n = len(self.stages)
-        # channels[k] feeds stage k (k >= 1); channels[n] is the caller's end.
-        self.channels: list[Channel | None] = [None]
+        # channels[k] feeds stage k (k >= 1; k = 0 too when the caller reads the source);
+        # channels[n] is the caller's end.
+        source = pipe._source
+        by_caller = pipe._pull == "caller" or (pipe._pull == "auto" and _bound_to_its_thread(source))
+        if by_caller and not hasattr(source, "__iter__"):
+            raise TypeError("pull='caller' reads the source on the caller's thread: it must be a plain iterable")
+        self.feed: Iterator[Any] | None = iter(source) if by_caller else None  # type: ignore[arg-type]
+        self.channels: list[Channel | None] = [Channel(pipe._buffer) if by_caller else None]
         for k in range(1, n + 1):
             own = self.stages[k].buffer if k < n else None
             self.channels.append(Channel(own if own is not None else pipe._buffer))
@@ -454,8 +471,8 @@ class _Run:
     # -- start ----------------------------------------------------------------------------
     def start(self) -> None:
         """Make every stage's run (bad options raise here), open the gears last to first, start the flow."""
-        source: Any = self.pipe._source
-        if not hasattr(source, "__iter__"):
+        source: Any = self.pipe._source if self.channels[0] is None else self.channels[0]
+        if not hasattr(source, "__iter__") and not isinstance(source, Channel):
             source = _sync_iter(source)
         for k, stage in enumerate(self.stages):
             items: Any = source if k == 0 else self.channels[k]
@@ -519,7 +536,7 @@ class _Run:
         except _Stopped:
             pass
         except BaseException as exc:
-            if exc is scheduler._source.error and isinstance(exc, Exception):
+            if exc is scheduler.input_error and isinstance(exc, Exception):
                 out.close(error=exc)  # the source's own error: after every earlier result, as imap does
             else:
                 self._fail(k, exc)
@@ -571,6 +588,10 @@ class _Run:
 
         Raises the first stage error, or the source's own error after every earlier result.
         """
+        if self.feed is not None:
+            self._feed_source()
+            if self.feed is not None:  # more to read: come back for it soon
+                timeout = min(timeout, 0.02)
         got = self.output.get_many(timeout)
         if self.error is not None:
             self.close()
@@ -588,6 +609,37 @@ class _Run:
                 raise error
             return None
         return got
+
+    def _feed_source(self) -> None:
+        """``pull="caller"``: read the source here, as much as the first channel has room for."""
+        channel, feed = self.channels[0], self.feed
+        assert channel is not None and feed is not None
+        room = channel.size - channel.waiting()
+        if room <= 0:
+            return
+        if self.stopping:
+            self.feed = None
+            return
+        items: list[Any] = []
+        try:
+            items.extend(itertools.islice(feed, room))
+        except Exception as exc:  # the source's own error: after its earlier items, as imap does
+            self.feed = None
+            with contextlib.suppress(_Stopped):
+                channel.put_many(items)
+                channel.close(error=exc)
+            return
+        except BaseException:
+            self.feed = None
+            raise
+        try:
+            channel.put_many(items)  # never waits: there was room, and only we put
+        except _Stopped:  # stopped meanwhile (a stage failed): poll raises its error
+            self.feed = None
+            return
+        if len(items) < room:
+            self.feed = None
+            channel.close()
 
     def close(self) -> None:
         """Stop what still runs and wait for every thread of the run (idempotent)."""
@@ -626,7 +678,7 @@ class _Run:
     def _sample(self) -> None:
         every = SAMPLE_EVERY
         while not self._monitor_stop.wait(every):
-            queues = [0 if c is None else len(c) for c in self.channels[:-1]]
+            queues = [0 if c is None else c.waiting() for c in self.channels[:-1]]
             queues[0] = 0
             self.samples.append((time.perf_counter() - self.started_at, queues, list(self.out_counts)))
             if len(self.samples) >= MAX_SAMPLES:
