@@ -411,7 +411,9 @@ class Results(Iterator[Any]):
         self._buffer = buffer
         self._goes_on = goes_on
         self._deadline = deadline
-        self._taken = 0
+        self._taken = 0  # results the caller has had
+        self._moved = 0  # results moved out of the buffer into ``_local``
+        self._local: deque[Any] = deque()
         self._over = False
         self._feed, self._stream = core.feed, stream
         self._limit = stream.limit
@@ -432,11 +434,44 @@ class Results(Iterator[Any]):
             # Started: from now on, dropping the iterator cancels what has not run (as the stdlib's
             # map generator does in its ``finally``); an iterator never read leaves its calls running.
             self._finalizer = weakref.finalize(self, self._feed.stop_stream, self._stream)
+        local = self._local
+        if not local:
+            self._refill(timeout)
+        value = local.popleft()
+        self._taken += 1
+        stream = self._stream
+        stream.consumed = self._taken
+        if self._limit is not None and stream.taken - self._taken == self._limit - 1:
+            self._feed.wake()  # the stream was held back by its consumer: room again
+        if isinstance(value, Failure):
+            if not self._goes_on:
+                self._end()
+            exc = value.exception
+            raise exc.exc if isinstance(exc, _Escaped) else exc
+        return value
+
+    def _refill(self, timeout: float | None) -> None:
+        """Move every result ready for the caller into ``_local``, waiting for one if none is.
+
+        One lock round per run of results, not per result (200k tiny results: 0.16 -> 0.05 s).
+        """
         buffer = self._buffer
+        local = self._local
         deadline = None if timeout is None else time.monotonic() + timeout
         with buffer.cond:
-            while (value := self._take()) is _NOTHING:
-                if buffer.count is not None and self._taken >= buffer.count:
+            while True:
+                if buffer.ordered:
+                    pop = buffer.by_pos.pop
+                    while (value := pop(self._moved, _NOTHING)) is not _NOTHING:
+                        local.append(value)
+                        self._moved += 1
+                elif buffer.arrived:
+                    local.extend(buffer.arrived)
+                    self._moved += len(buffer.arrived)
+                    buffer.arrived.clear()
+                if local:
+                    return
+                if buffer.count is not None and self._moved >= buffer.count:
                     self._end()
                     if buffer.error is not None:
                         error, buffer.error = buffer.error, None
@@ -450,26 +485,10 @@ class Results(Iterator[Any]):
                     self._end()
                     raise TimeoutError
                 buffer.cond.wait(wait)  # in slices: Ctrl-C stays prompt
-        self._taken += 1
-        stream = self._stream
-        stream.consumed = self._taken
-        if self._limit is not None and stream.taken - self._taken == self._limit - 1:
-            self._feed.wake()  # the stream was held back by its consumer: room again
-        if isinstance(value, Failure):
-            if not self._goes_on:
-                self._end()
-            exc = value.exception
-            raise exc.exc if isinstance(exc, _Escaped) else exc
-        return value
-
-    def _take(self) -> Any:
-        buffer = self._buffer
-        if buffer.ordered:
-            return buffer.by_pos.pop(self._taken, _NOTHING)
-        return buffer.arrived.popleft() if buffer.arrived else _NOTHING
 
     def _end(self) -> None:
         self._over = True
+        self._local.clear()
         self._feed.stop_stream(self._stream)
 
     def close(self) -> None:
