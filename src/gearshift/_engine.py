@@ -160,6 +160,9 @@ class Scheduler:
         #: Items for which this is true skip the function and are released as they are, in
         #: their place (a pipeline's earlier failures under "collect" pass a later stage).
         self.passthrough: Callable[[Any], bool] | None = None
+        #: Release runs ``(first index, values)`` instead of ``(index, value)`` pairs (the
+        #: Executor's driver routes whole runs to its streams: no pair per result).
+        self.release_runs = False
         self._aborted: BaseException | None = None
         self._progress: Progress = make_progress(progress, self.total, fn_name(fn))
         self._started = time.perf_counter()
@@ -422,7 +425,10 @@ class Scheduler:
         self._admitted -= n
         if n == 1 and values[0] is _SKIP:
             return
-        self.ready.extend(zip(range(first, first + n), values, strict=True))
+        if self.release_runs:
+            self.ready.append((first, values))
+        else:
+            self.ready.extend(zip(range(first, first + n), values, strict=True))
 
     # -- driving --------------------------------------------------------------------------
     @property

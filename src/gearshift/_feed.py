@@ -270,23 +270,19 @@ class Feed:
         """The function of the item numbered ``index`` (for a retry)."""
         return self._run_of(index)[0].fn  # type: ignore[no-any-return]
 
-    def deliver(self, ready: list[tuple[int, Any]]) -> None:
-        """Route results to their streams' sinks, a run of consecutive items at a time (dropped
-        if a stream's consumer went away)."""
-        run: list[Any] = [None, 0, 0, 0, -1]
-        end = expect = start = -1
-        values: list[Any] = []
-        for index, value in ready:
-            if index != expect or index >= end:
-                self._flush(run, start, values)
-                values = []
-                if not run[4] <= index < end:
-                    run = self._run_of(index)
-                    end = run[4] + run[2]
-                start = index
-            values.append(value)
-            expect = index + 1
-        self._flush(run, start, values)
+    def deliver(self, ready: list[tuple[int, list[Any]]]) -> None:
+        """Route runs of results ``(first index, values)`` to their streams' sinks (dropped if a
+        stream's consumer went away). A run is one batch's, so it rarely spans two streams' items;
+        it is split where it does."""
+        for first, values in ready:
+            n = len(values)
+            done = 0
+            while done < n:
+                index = first + done
+                run = self._run_of(index)
+                take = min(n - done, run[4] + run[2] - index)
+                self._flush(run, index, values if take == n else values[done : done + take])
+                done += take
 
     def _flush(self, run: list[Any], index: int, values: list[Any]) -> None:
         if not values:

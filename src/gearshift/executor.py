@@ -682,6 +682,7 @@ class _Core:
         scheduler = Scheduler(
             _calls, self.feed, self.gear, ordered=False, errors="collect", retries=self.retry, rate=self.rate
         )
+        scheduler.release_runs = True
         deliver = self.feed.deliver
         try:
             for ready in drive(scheduler, self.gear, self.spec, claim=False, opened=self.opened.set):
