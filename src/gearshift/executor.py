@@ -369,7 +369,8 @@ class _Buffer:
     def __init__(self, ordered: bool) -> None:
         self.cond = threading.Condition(threading.Lock())
         self.ordered = ordered
-        self.by_pos: dict[int, Any] = {}
+        #: Ordered: runs of results by the position of their first (runs tile the positions).
+        self.by_pos: dict[int, list[Any]] = {}
         self.arrived: deque[Any] = deque()
         self.count: int | None = None
         self.error: BaseException | None = None
@@ -378,7 +379,7 @@ class _Buffer:
     def deliver(self, pos: int, values: list[Any]) -> None:
         with self.cond:
             if self.ordered:
-                self.by_pos.update(zip(range(pos, pos + len(values)), values, strict=True))
+                self.by_pos[pos] = values
             else:
                 self.arrived.extend(values)
             self.cond.notify()
@@ -462,9 +463,9 @@ class Results(Iterator[Any]):
             while True:
                 if buffer.ordered:
                     pop = buffer.by_pos.pop
-                    while (value := pop(self._moved, _NOTHING)) is not _NOTHING:
-                        local.append(value)
-                        self._moved += 1
+                    while (run := pop(self._moved, None)) is not None:
+                        local.extend(run)
+                        self._moved += len(run)
                 elif buffer.arrived:
                     local.extend(buffer.arrived)
                     self._moved += len(buffer.arrived)
