@@ -458,6 +458,7 @@ class Scheduler:
 
     def finish(self) -> None:
         self._progress.close()
+        self.report.reasons.extend(self.gear.notes())
         self.report.items = self.report.succeeded + self.report.failed
         self.report.wall = time.perf_counter() - self._started
 

@@ -245,5 +245,9 @@ class Gear(ABC):
     def describe(self) -> str:
         return f"{self.name} gear, {self.workers} worker{'s' if self.workers != 1 else ''}"
 
+    def notes(self) -> list[str]:
+        """What the gear learned during the run, for the report's reasons (e.g. an adapted limit)."""
+        return []
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} workers={self.workers}>"

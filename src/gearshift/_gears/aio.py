@@ -1,4 +1,8 @@
-"""The async gear: one event loop (uvloop when installed), tasks bounded by a semaphore.
+"""The async gear: one event loop (uvloop when installed), tasks bounded by a limit.
+
+The limit is the user's ``workers``/``concurrency`` when given; otherwise it is found by
+measurement as the run goes (``_adaptive.AdaptiveLimit``: slow start while latency holds,
+back off when it climbs or calls are refused), and the report says where it settled and why.
 
 Coroutine functions run as tasks; plain (blocking) functions run in a thread pool of
 the same size, as ``asyncio.to_thread`` would, so they never stall the loop. Two modes:
@@ -22,11 +26,13 @@ import queue
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from gearshift._calls import is_async_callable
 from gearshift._cancel import CancelToken, bind_token
+from gearshift._gears._adaptive import AdaptiveLimit, is_refusal
 from gearshift._gears._base import CANCEL_GRACE, Gear, GearCosts, run_initializer, timeout_outcome, warn_stuck
 from gearshift._gears._blocking import DaemonThreadPool
 from gearshift._task import Batch, Outcome, Result, RunSpec, Task, format_tb
@@ -75,6 +81,62 @@ def _same(fn: Any) -> Any:
     return fn
 
 
+class _Slots:
+    """A semaphore for tasks whose size may change while they wait (the adaptive limit).
+
+    Loop-bound like ``asyncio.Semaphore``; a waiter handed a slot but cancelled before it
+    resumed gives the slot back.
+    """
+
+    __slots__ = ("_waiters", "busy", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.busy = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def __aenter__(self) -> None:
+        if self.busy < self.limit and not self._waiters:
+            self.busy += 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release()  # handed a slot, cancelled before it could use it
+            else:
+                try:
+                    self._waiters.remove(waiter)
+                except ValueError:
+                    pass
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        self.busy -= 1
+        self._hand_out()
+
+    def _hand_out(self) -> None:
+        while self._waiters and self.busy < self.limit:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.busy += 1
+                waiter.set_result(None)
+
+    @property
+    def demand(self) -> int:
+        """Tasks holding or waiting for a slot."""
+        return self.busy + len(self._waiters)
+
+    def resize(self, limit: int) -> None:
+        self.limit = limit
+        self._hand_out()
+
+
 class AsyncGear(Gear):
     name = "async"
     chunk_target = 0.5
@@ -84,11 +146,15 @@ class AsyncGear(Gear):
     )
 
     def __init__(self, workers: int | None = None) -> None:
+        """``workers``: tasks at once; None (the default) finds the number by measurement, per run."""
         super().__init__(workers)
+        #: No fixed concurrency: each run adapts it (see ``_adaptive``).
+        self.adaptive = workers is None
+        self._limit: AdaptiveLimit | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._native = False
         self._thread: threading.Thread | None = None
-        self._sem: asyncio.Semaphore | None = None
+        self._sem: _Slots | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # native mode; a task group tracks the others
         self._main_task: asyncio.Task[Any] | None = None
         self._tg: asyncio.TaskGroup | None = None
@@ -125,14 +191,27 @@ class AsyncGear(Gear):
         self._native = True
 
     # -- lifecycle ------------------------------------------------------------------------
+    def describe(self) -> str:
+        if self.adaptive:
+            return "async gear, adaptive concurrency"
+        return super().describe()
+
+    def notes(self) -> list[str]:
+        return [] if self._limit is None else [self._limit.describe()]
+
     def open(self, spec: RunSpec) -> None:
         self._spec = spec
         self._closing = False
         self._token = CancelToken()
-        self._pool = DaemonThreadPool(max_workers=min(self.workers, 256), thread_name_prefix="gearshift-async")
+        threads = self.workers
+        if self.adaptive:
+            self._limit = AdaptiveLimit()
+            self.workers = self._limit.limit
+            threads = self._limit.cap
+        self._pool = DaemonThreadPool(max_workers=min(threads, 256), thread_name_prefix="gearshift-async")
         run_initializer(spec)
         if self._native:
-            self._sem = asyncio.Semaphore(self.workers)
+            self._sem = _Slots(self.workers)
             self._native_event = asyncio.Event()
             return
         started = threading.Event()
@@ -149,7 +228,7 @@ class AsyncGear(Gear):
 
     async def _main(self, started: threading.Event) -> None:
         self._loop = asyncio.get_running_loop()
-        self._sem = asyncio.Semaphore(self.workers)
+        self._sem = _Slots(self.workers)
         self._stop = asyncio.Event()
         self._main_task = asyncio.current_task()
         try:
@@ -241,6 +320,8 @@ class AsyncGear(Gear):
         try:
             async with self._sem:
                 start = time.perf_counter()
+                if self._limit is not None:
+                    self._limit.busy(self._sem.busy)
                 limit = self._spec.timeout
                 if is_async:
                     # (No token: a token per coroutine would cost more than the coroutine.)
@@ -267,8 +348,10 @@ class AsyncGear(Gear):
             if scope is not None and isinstance(exc, TimeoutError) and scope.expired():
                 if token is not None:
                     token.cancel()
+                self._adapt(elapsed, True)
                 self._deliver(timeout_outcome(task, self._spec.timeout, elapsed))
             else:
+                self._adapt(elapsed, is_refusal(exc))
                 self._deliver(Outcome(task, False, exc, elapsed, format_tb(exc)))
             return
         except BaseException as exc:
@@ -277,7 +360,17 @@ class AsyncGear(Gear):
             self._escaped = exc
             self.wake()
             return
-        self._deliver(Outcome(task, True, value, time.perf_counter() - start))
+        elapsed = time.perf_counter() - start
+        self._adapt(elapsed, False)
+        self._deliver(Outcome(task, True, value, elapsed))
+
+    def _adapt(self, latency: float, refused: bool) -> None:
+        """Feed the adaptive limit (on the loop); a new limit resizes the slots and the window."""
+        limit = self._limit
+        if limit is not None and limit.completed(latency, refused, self._sem.demand if self._sem else 0):
+            self.workers = limit.limit  # read by the driver for the window: more items come in
+            assert self._sem is not None
+            self._sem.resize(limit.limit)
 
     def _cancelled(self, task: Task, exc: asyncio.CancelledError, start: float) -> bool:
         """Whether a task that ended in ``exc`` was cancelled by the run (close, Ctrl-C, timeout).

@@ -63,7 +63,6 @@ from gearshift._calls import fn_name, is_async_callable
 from gearshift._cancel import CancelToken
 from gearshift._gears import gear_class, register_gear
 from gearshift._gears._base import Gear, join_threads, timeout_outcome
-from gearshift._gears.aio import AsyncGear
 from gearshift._gears.process import ProcessGear
 from gearshift._gears.serial import SerialGear
 from gearshift._task import Batch, Done, Result, RunSpec, count
@@ -161,9 +160,10 @@ class AutoGear(Gear):
         self._m.is_coroutine = self._coro
         self._m.pickle_error = self._pickle_error
         if self._coro:
-            n = self._user_workers or AsyncGear.default_workers()
-            reasons = ["a coroutine function: async when you can", f"the async gear, {n} tasks at once"]
-            self._shift(Decision("async", n, 1, 0.0, 0.0, {}, reasons))
+            n = self._user_workers
+            at_once = f"{n} tasks at once" if n else "concurrency found by measurement"
+            reasons = ["a coroutine function: async when you can", f"the async gear, {at_once}"]
+            self._shift(Decision("async", n or 0, 1, 0.0, 0.0, {}, reasons))
         elif self.machine.gil_enabled and not self._pickle_error and self.machine.start_method == "fork":
             # Fork now, before a probe thread runs the function (see the module docstring).
             gear = ProcessGear(self._user_workers or self.machine.cores)
@@ -452,7 +452,7 @@ class AutoGear(Gear):
         if decision.gear == "process" and self._prestarted is not None:
             gear, self._prestarted = self._prestarted, None  # forked before the probe: use them
         else:
-            gear = gear_class(decision.gear)(decision.workers)
+            gear = gear_class(decision.gear)(decision.workers or None)  # 0: the gear sizes itself
             gear.check(fn)
             gear.open(self._spec)
         tasks = [t for b in self._pending for t in b.tasks] + self._feed.stop()
@@ -521,6 +521,9 @@ class AutoGear(Gear):
     def _join_probes(self, cancel: bool) -> None:
         probes, self._probes = self._probes, []
         join_threads(probes, lambda thread: cancel or thread.expired is not None, "probe thread(s)")
+
+    def notes(self) -> list[str]:
+        return [] if self._delegate is None else self._delegate.notes()
 
     def describe(self) -> str:
         if self.phase in ("shifted", "serial") and self._delegate is not None and self.decision is not None:
