@@ -1,8 +1,8 @@
 """Concurrency found by measurement: how many calls may be in flight, adjusted as the run goes.
 
 When the user fixes no concurrency, the async gear starts low and measures each call's
-latency (its time inside a slot). The first round (as many completions as the limit) gives
-the unloaded latency; then:
+latency (its time inside a slot). Each round (as many completions as the limit) gives a
+mean; the lowest so far stands for the unloaded latency (before the first, the fastest call):
 
 * slow start: each call that ends within 1.5x of the unloaded latency, while the limit is in
   use, adds 3 to it (4x a round trip), so pure waits reach thousands in flight in a few round
@@ -76,6 +76,7 @@ class AdaptiveLimit:
         self._sum = 0.0
         self._refusals = 0
         self._cut = False  # cut for a refusal this round already
+        self._fastest = math.inf
         self._peak_busy = 0
 
     def busy(self, in_flight: int) -> None:
@@ -102,8 +103,11 @@ class AdaptiveLimit:
         else:
             self._n += 1
             self._sum += latency
-            base = self.min_latency
-            if (self.slow_start and base is not None and latency <= 1.5 * base
+            if latency < self._fastest:
+                self._fastest = latency
+            # Before a round has ended, the fastest call so far stands for the unloaded latency.
+            base = self.min_latency if self.min_latency is not None else self._fastest
+            if (self.slow_start and latency <= 1.5 * base
                     and self._peak_busy >= 0.9 * self.limit and self.limit < self.cap):
                 self.limit = min(self.cap, self.limit + 3)  # (the reason is written at the round's end)
                 self.peak_limit = max(self.peak_limit, self.limit)

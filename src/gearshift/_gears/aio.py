@@ -182,7 +182,11 @@ class AsyncGear(Gear):
 
     def window(self, chunk: int) -> int:
         # Every item becomes a task at once, so the window counts items, whatever the chunk:
-        # chunks here only save hand-offs between the caller and the loop.
+        # chunks here only save hand-offs between the caller and the loop. While an adaptive
+        # limit is in its slow start (4x a round trip), items must be there for it to grow into.
+        limit = self._limit
+        if limit is not None and limit.slow_start:
+            return max(8 * self.workers, chunk)
         return max(2 * self.workers, chunk)
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
