@@ -41,6 +41,7 @@ from gearshift.errors import (
     WorkerCrashed,
 )
 from gearshift.executor import BrokenExecutor, Executor
+from gearshift.fetch import FetchRefused, FetchReport, afetch, fetch
 from gearshift.pipeline import Pipeline, PipelineIterator
 from gearshift.pool import AsyncResult, Pool, ThreadPool
 
@@ -59,6 +60,8 @@ __all__ = [
     "Done",
     "Executor",
     "Failure",
+    "FetchRefused",
+    "FetchReport",
     "Gear",
     "GearCosts",
     "GearLoadError",
@@ -88,9 +91,11 @@ __all__ = [
     "UnpicklableError",
     "WorkerCrashed",
     "advise",
+    "afetch",
     "amap",
     "cancel_token",
     "cancelled",
+    "fetch",
     "imap",
     "map",
     "register_gear",

@@ -373,7 +373,7 @@ class Scheduler:
             exc = outcome.value
             if self.retry is not None and self.retry.should_retry(exc, task.attempt):
                 self.report.retried += 1
-                retry_at = now + self.retry.delay(task.attempt)
+                retry_at = now + self.retry.delay_for(exc, task.attempt)
                 again = Task(task.index, task.item, task.attempt + 1)
                 heapq.heappush(self._retry_heap, (retry_at, next(self._retry_seq), again))
                 continue

@@ -45,6 +45,11 @@ class Retry:
         base = min(self.max_backoff, self.backoff * 2.0 ** (attempt - 1))
         return base * random.uniform(0.5, 1.5) if self.jitter else base
 
+    def delay_for(self, exc: BaseException, attempt: int) -> float:
+        """The wait before retrying after ``exc``: ``delay(attempt)``; a subclass may read the
+        exception (an HTTP ``Retry-After``, say)."""
+        return self.delay(attempt)
+
 
 def _check_seconds(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:

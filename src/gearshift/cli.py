@@ -1,4 +1,4 @@
-"""The ``gearshift`` command line: run, advise, bench, demo, info.
+"""The ``gearshift`` command line: run, fetch, advise, bench, demo, info.
 
 Exit codes: 0 every input has a success record; 1 some failed or have no record, or a
 run error; 2 bad usage (one line, no traceback; ``--debug`` shows it), a MODULE:FUNC
@@ -318,6 +318,83 @@ def demo(only: str | None, scale: float) -> None:
     if unknown:
         _fail(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(demomod.names())}")
     demomod.run_demo(names, scale, click.echo)
+
+
+@cli.command(epilog=EPILOG)
+@click.argument("urls_file", metavar="URLS_FILE", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--out", "-o", "out", required=True, metavar="DIR", type=click.Path(file_okay=False),
+              help="Directory for the bodies and DIR/manifest.jsonl (created if missing).")
+@click.option("--concurrency", "-c", default="auto", show_default=True, metavar="N|auto",
+              help="Requests at once; auto finds it by measurement (backs off when the service queues or refuses).")
+@click.option("--rate", default=None, metavar="N/s", help="At most this many requests started, over all hosts.")
+@click.option("--per-host-rate", default=None, metavar="N/s", help="At most this many requests started per host.")
+@click.option("--retries", type=click.IntRange(min=0), default=3, show_default=True,
+              help="More attempts on connection errors, timeouts, 429 and 5xx (never other 4xx).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+              help="Seconds per attempt.")
+@click.option("--resume", is_flag=True, help="Go on with DIR/manifest.jsonl: skip URLs already fetched.")
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="A progress bar on stderr (only on a terminal).")
+@debug_option
+def fetch(urls_file: str, out: str, concurrency: str, rate: str | None, per_host_rate: str | None, retries: int,
+          timeout: float, resume: bool, progress: bool) -> None:
+    """Fetch every URL of URLS_FILE (one per line; '-' reads stdin) into files in DIR, politely.
+
+    Each URL's record (url, status, bytes, file, sha256, elapsed, attempts, error) is appended
+    to DIR/manifest.jsonl as it finishes; --resume after a kill leaves each URL's success
+    recorded exactly once. Files are named from the URL but never leave DIR and never collide;
+    a file in DIR the manifest does not list is never written over.
+
+    \b
+    Example:
+      gearshift fetch urls.txt --out pages/ --per-host-rate 10/s --retries 5
+    """
+    import signal
+
+    from gearshift._rate import parse_rate
+    from gearshift.fetch import FetchRefused
+    from gearshift.fetch import fetch as fetch_urls
+
+    workers: int | None = None
+    if concurrency != "auto":
+        try:
+            workers = int(concurrency)
+        except ValueError:
+            workers = 0
+        if workers < 1:
+            _fail(f"--concurrency must be a positive number or auto, got {concurrency!r}")
+    for name, value in (("--rate", rate), ("--per-host-rate", per_host_rate)):
+        if value is not None:
+            try:
+                parse_rate(value)
+            except (ValueError, TypeError) as exc:
+                _fail(f"{name}: {exc}")
+    _check_input(urls_file)
+
+    def terminated(signum: int, frame: Any) -> None:
+        raise SystemExit(143)
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        with click.open_file(urls_file, encoding="utf-8", errors="surrogateescape") as lines:
+            report = fetch_urls(lines, out, concurrency=workers, rate=rate, per_host_rate=per_host_rate,
+                                retries=retries, timeout=timeout, resume=resume,
+                                progress=progress and sys.stderr.isatty())
+    except FetchRefused as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        click.echo(f"gearshift fetch: interrupted; what finished is in {out}/manifest.jsonl "
+                   "(--resume goes on)", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except SystemExit as exc:
+        if exc.code == 143:
+            click.echo(f"gearshift fetch: terminated; what finished is in {out}/manifest.jsonl "
+                       "(--resume goes on)", err=True)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    click.echo(str(report), err=True)
+    sys.exit(EXIT_FAILED if report.failed else 0)
 
 
 @cli.command(epilog=EPILOG)
