@@ -48,6 +48,9 @@ from gearshift.errors import Failure
 __all__ = ["FetchRefused", "FetchReport", "afetch", "fetch"]
 
 MANIFEST = "manifest.jsonl"
+#: Beside the manifest: each file name this fetch is about to create, flushed before the file
+#: exists, so a resume knows a file renamed into place just before a kill (no record yet) is ours.
+CLAIMS = ".manifest.jsonl.claims"
 HEADER = {"gearshift": "fetch-manifest", "version": 1}
 #: Bodies up to this size are read whole and written in one hop to a thread; bigger ones stream.
 SMALL_BODY = 256 << 10
@@ -210,6 +213,9 @@ def _read_manifest(path: Path, resume: bool) -> _Previous:
         keep = data.rfind(b"\n") + 1  # a torn last record: cut it, the URL runs again
         with open(path, "r+b") as f:
             f.truncate(keep)
+    claims = path.with_name(CLAIMS)
+    if claims.is_file():
+        previous.files.update(n for n in claims.read_text("utf-8", "replace").splitlines() if n)
     return previous
 
 
@@ -218,9 +224,10 @@ class _Fetcher:
     """The async callable the engine runs per URL: GET, stream to a file, return the record."""
 
     def __init__(self, session: Any, out: Path, ours: set[str], timeout: float,
-                 per_host_rate: float | None) -> None:
+                 per_host_rate: float | None, claims: Any) -> None:
         import aiohttp
 
+        self.claims = claims
         self._aiohttp = aiohttp
         self.session = session
         self.out = out
@@ -230,10 +237,19 @@ class _Fetcher:
         self.per_host = per_host_rate
         self._hosts: dict[str, RateLimiter] = {}
         self.attempts: dict[int, int] = {}
+        self.spent: dict[int, float] = {}  # seconds of a URL's attempts so far (for a failure's record)
         self.__name__ = "fetch"
 
     async def __call__(self, job: _Job) -> dict[str, Any]:
         self.attempts[job.line] = self.attempts.get(job.line, 0) + 1
+        start = time.perf_counter()
+        try:
+            return await self._get(job)
+        except BaseException:
+            self.spent[job.line] = self.spent.get(job.line, 0.0) + time.perf_counter() - start
+            raise
+
+    async def _get(self, job: _Job) -> dict[str, Any]:
         if job.error is not None:
             raise _Final(job.error)
         if self.per_host is not None:
@@ -253,7 +269,10 @@ class _Fetcher:
                     if status == 429 or status >= 500:
                         raise _Retryable(f"HTTP {status}", status, _retry_after(resp.headers.get("Retry-After")))
                     raise _Final(f"HTTP {status} (not retried: a client error)", status)
-                self.ours.add(name)
+                if name not in self.ours:
+                    self.ours.add(name)
+                    self.claims.write(name + "\n")
+                    self.claims.flush()  # before the file exists (a kill loses no flushed write)
                 size, digest = await self._save(resp, final)
         except (_Retryable, _Final):
             raise
@@ -370,7 +389,8 @@ def _record_of_failure(failure: Failure, fetcher: _Fetcher) -> dict[str, Any]:
     exc = failure.exception
     status = getattr(exc, "status", None)
     return {"line": job.line, "url": job.url, "status": status, "bytes": 0, "file": None, "sha256": None,
-            "elapsed": None, "attempts": max(failure.attempts, fetcher.attempts.pop(job.line, 1)),
+            "elapsed": round(fetcher.spent.pop(job.line, 0.0), 6),
+            "attempts": max(failure.attempts, fetcher.attempts.pop(job.line, 1)),
             "error": str(exc) or type(exc).__name__}
 
 
@@ -407,13 +427,15 @@ async def afetch(
     writer = RecordWriter(str(manifest))
     started = time.perf_counter()
     gear = AsyncGear(concurrency)
+    stack = contextlib.ExitStack()
     try:
         if not previous.exists:
             writer.write(HEADER)
             writer.sync()
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         async with aiohttp.ClientSession(connector=connector) as session:
-            fetcher = _Fetcher(session, directory, set(previous.files), float(timeout), host_rate)
+            claims = stack.enter_context(open(directory / CLAIMS, "a", encoding="utf-8"))  # noqa: SIM115
+            fetcher = _Fetcher(session, directory, set(previous.files), float(timeout), host_rate, claims)
             policy = _HTTPRetry(attempts=retries + 1, backoff=0.2, max_backoff=30.0, on=(_Retryable,))
             results: AsyncGenerator[Any, None] = amap(  # type: ignore[assignment]
                 fetcher, _jobs(urls, previous.done, report), gear=gear, ordered=False, errors="collect",
@@ -434,6 +456,7 @@ async def afetch(
                         report.bytes += record["bytes"]
                     writer.write(record)
     finally:
+        stack.close()
         writer.close()
         report.wall = time.perf_counter() - started
         report.reasons.extend(gear.notes())
