@@ -16,8 +16,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from gearshift._cli.inputs import Item
-
 
 class TargetError(Exception):
     """``MODULE:FUNC`` names nothing callable; the message says what was tried."""
@@ -105,12 +103,16 @@ class Call:
     def __reduce__(self) -> tuple[Any, ...]:
         return (_load, (type(self), self.spec, self.cwd, self.kwargs))
 
-    def _start(self, item: Item) -> Any:
+    def _start(self, item: Any) -> Any:
         if item.error is not None:
             raise MalformedInput(item.error)
         return self.fn(**item.value) if self.kwargs else self.fn(item.value)
 
-    def __call__(self, item: Item) -> tuple[int, Any, float]:
+    def _key(self, item: Any) -> tuple[int, float]:
+        """The input's index, and the seconds earlier stages spent on it (none here)."""
+        return item.index, 0.0
+
+    def __call__(self, item: Any) -> tuple[int, Any, float]:
         start = time.perf_counter()
         try:
             result = self._start(item)
@@ -121,13 +123,14 @@ class Call:
         except BaseException as exc:
             _note_elapsed(exc, start)
             raise
-        return item.index, result, time.perf_counter() - start
+        index, before = self._key(item)
+        return index, result, before + time.perf_counter() - start
 
 
 class AsyncCall(Call):
     """The wrapper for an ``async def`` function."""
 
-    async def __call__(self, item: Item) -> tuple[int, Any, float]:  # type: ignore[override]
+    async def __call__(self, item: Any) -> tuple[int, Any, float]:  # type: ignore[override]
         start = time.perf_counter()
         try:
             result = self._start(item)
@@ -140,10 +143,11 @@ class AsyncCall(Call):
         except BaseException as exc:
             _note_elapsed(exc, start)
             raise
-        return item.index, result, time.perf_counter() - start
+        index, before = self._key(item)
+        return index, result, before + time.perf_counter() - start
 
 
-def make_then(spec: str, cwd: str | None = None) -> ThenCall:
+def make_then(spec: str, cwd: str | None = None) -> Call:
     """The wrapper for a ``--then`` stage: async when the function is."""
     fn = resolve(spec, cwd)
     from gearshift._gears.aio import is_async_callable
@@ -152,39 +156,21 @@ def make_then(spec: str, cwd: str | None = None) -> ThenCall:
     return cls(fn, spec, cwd if cwd is not None else os.getcwd(), False)
 
 
-class ThenCall(Call):
+class _Then:
     """A later stage: ``fn(result)`` for the previous stage's ``(index, result, elapsed)``, same shape out."""
 
-    def __call__(self, previous: tuple[int, Any, float]) -> tuple[int, Any, float]:  # type: ignore[override]
-        index, value, before = previous
-        start = time.perf_counter()
-        try:
-            result = self.fn(value)
-        except SystemExit as exc:
-            failure = _exit_failure(exc)
-            _note_elapsed(failure, start)
-            raise failure from exc
-        except BaseException as exc:
-            _note_elapsed(exc, start)
-            raise
-        return index, result, before + time.perf_counter() - start
+    fn: Any
+
+    def _start(self, previous: tuple[int, Any, float]) -> Any:
+        return self.fn(previous[1])
+
+    def _key(self, previous: tuple[int, Any, float]) -> tuple[int, float]:
+        return previous[0], previous[2]
 
 
-class AsyncThenCall(ThenCall):
+class ThenCall(_Then, Call):
+    """A later stage whose function is plain."""
+
+
+class AsyncThenCall(_Then, AsyncCall):
     """A later stage whose function is ``async def``."""
-
-    async def __call__(self, previous: tuple[int, Any, float]) -> tuple[int, Any, float]:  # type: ignore[override]
-        index, value, before = previous
-        start = time.perf_counter()
-        try:
-            result = self.fn(value)
-            if inspect.isawaitable(result):
-                result = await result
-        except SystemExit as exc:
-            failure = _exit_failure(exc)
-            _note_elapsed(failure, start)
-            raise failure from exc
-        except BaseException as exc:
-            _note_elapsed(exc, start)
-            raise
-        return index, result, before + time.perf_counter() - start
