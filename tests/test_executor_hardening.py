@@ -293,3 +293,50 @@ def test_pool_imap_unordered_goes_on_after_an_error(gear: str) -> None:
             except KeyError:
                 errors += 1
         assert errors == 1 and sorted(got) == [0, 1, 3, 4, 5, 6, 7]
+
+
+def _gear_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("gearshift-thread") and t.is_alive()]
+
+
+def test_the_thread_gear_starts_no_thread_outside_a_run() -> None:
+    """A prestart (an Executor's submit) racing a shutdown once started a thread after close, bound to
+    a run nobody would close: it waited forever (CI: three gearshift-thread-* left for the rest of the
+    suite). Outside open..close, neither prestart nor submit's spawn may start one."""
+    from gearshift._task import RunSpec
+
+    gear = gs.ThreadGear(2)
+    gear.prestart(2)
+    assert _gear_threads() == []
+    gear.open(RunSpec())
+    gear.prestart(2)
+    assert len(_gear_threads()) == 2
+    gear.close()
+    gear.prestart(2)
+    gear._spawn()
+    assert _gear_threads() == [], "a thread started after close"
+
+
+@pytest.mark.timeout(60)
+def test_submitters_racing_shutdown_leave_no_thread() -> None:
+    """Eight threads submit while the executor shuts down: every thread of its gear ends."""
+    for _ in range(20):
+        ex = gs.Executor("thread", max_workers=4)
+        barrier = threading.Barrier(9)
+
+        def submit_some(ex: gs.Executor = ex, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            for i in range(50):
+                try:
+                    ex.submit(square, i)
+                except RuntimeError:  # shut down meanwhile: refused, as it should be
+                    return
+
+        submitters = [threading.Thread(target=submit_some) for _ in range(8)]
+        for t in submitters:
+            t.start()
+        barrier.wait()
+        ex.shutdown(wait=True)
+        for t in submitters:
+            t.join()
+    assert _gear_threads() == []
