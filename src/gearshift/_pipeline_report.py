@@ -32,6 +32,7 @@ class StageReport:
     active: float = 0.0  # seconds from its first item in to its last item out (0: unknown, use wall)
     mean_queue: float = 0.0  # items waiting in front of it, time-averaged
     buffer: int = 0  # the most that may wait in front of it
+    chunksize: int = 1  # the largest batch it handed its gear
     reasons: list[str] = field(default_factory=list)
 
     @property

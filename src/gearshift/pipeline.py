@@ -705,6 +705,7 @@ class _Run:
                 passed=self.passed[k], busy=r.busy if r else 0.0, wall=wall, active=active,
                 mean_queue=channel.mean_length() if channel is not None else 0.0,
                 buffer=channel.size if channel is not None else 0, reasons=list(r.reasons) if r else [],
+                chunksize=r.chunksize if r else 1,
             ))
         return PipelineReport(stages, self.delivered, wall, self.ordered, cpu_count(), list(self.samples))
 

@@ -27,6 +27,8 @@ from gearshift.errors import TaskTimeout
 
 #: The limit a run starts at: low enough to see the unloaded latency of a service that queues early.
 START = 16
+#: Completions per round at most (a round is the limit's worth, up to this): decisions come quickly.
+ROUND = 64
 MAX_LIMIT = 10_000
 #: Statuses that mean "too many at once" (Too Many Requests, Service Unavailable).
 REFUSAL_STATUS = frozenset({429, 503})
@@ -77,6 +79,9 @@ class AdaptiveLimit:
         self._refusals = 0
         self._cut = False  # cut for a refusal this round already
         self._fastest = math.inf
+        self._seen = 0
+        self._credit = 0.0
+        self._hold_until = 0.0
         self._peak_busy = 0
 
     def busy(self, in_flight: int) -> None:
@@ -84,25 +89,29 @@ class AdaptiveLimit:
         if in_flight > self._peak_busy:
             self._peak_busy = in_flight
 
-    def completed(self, latency: float, refused: bool, demand: int = 0) -> bool:
+    def completed(self, latency: float, refused: bool, demand: int = 0, seen: int = 0) -> bool:
         """One call ended after ``latency`` seconds; returns True when the limit changed.
 
-        ``demand``: calls running or waiting for a slot now (is the limit what holds them back?).
+        ``demand``: calls running or waiting for a slot now (is the limit what holds them back?);
+        ``seen``: calls in flight when this one started (what its latency was measured under).
         """
         old = self.limit
         if demand > self._peak_busy:
             self._peak_busy = demand
+        now = time.monotonic()
         if refused:
             self.refused += 1
             self._refusals += 1
-            if not self._cut:
+            if not self._cut and now >= self._hold_until:
                 self._cut = True
                 self.slow_start = False
                 self.ceiling = old
                 self._set(int(old * 0.7), f"calls refused or timed out at {old} in flight: cut to 0.7x")
+                self._hold_until = now + (self.last_mean or latency)
         else:
             self._n += 1
             self._sum += latency
+            self._seen += seen or old
             if latency < self._fastest:
                 self._fastest = latency
             # Before a round has ended, the fastest call so far stands for the unloaded latency.
@@ -111,15 +120,17 @@ class AdaptiveLimit:
                     and self._peak_busy >= 0.9 * self.limit and self.limit < self.cap):
                 self.limit = min(self.cap, self.limit + 3)  # (the reason is written at the round's end)
                 self.peak_limit = max(self.peak_limit, self.limit)
-        if self._n + self._refusals >= max(4, self.limit):
-            self._end_round()
+        if self._n + self._refusals >= max(4, min(self.limit, ROUND)):
+            self._end_round(now)
         return self.limit != old
 
-    def _end_round(self) -> None:
-        mean = self._sum / self._n if self._n else None
+    def _end_round(self, now: float) -> None:
+        n = self._n
+        mean = self._sum / n if n else None
+        seen = self._seen / n if n else 0.0
         saturated = self._peak_busy >= 0.9 * self.limit
         refusals = self._refusals
-        self._n, self._sum, self._refusals, self._peak_busy, self._cut = 0, 0.0, 0, 0, False
+        self._n, self._sum, self._seen, self._refusals, self._peak_busy, self._cut = 0, 0.0, 0, 0, 0, False
         if mean is None:
             return
         self.last_mean = mean
@@ -127,25 +138,32 @@ class AdaptiveLimit:
         if self.min_latency is None or mean < self.min_latency:
             self.min_latency = mean
         else:
-            self.min_latency *= 1.01  # drifts up slowly: a service that got slower for good is re-learned
+            self.min_latency *= 1.001  # drifts up slowly: a service that got slower for good is re-learned
         base = self.min_latency
         old = self.limit
-        if first or refusals:
-            return
+        if first or refusals or now < self._hold_until:
+            return  # (after a cut: calls started before it still report the old crowd)
         if mean > 1.7 * base:
+            # Queueing. What the round's calls saw in flight, scaled to where latency would be 1.3x
+            # unloaded (Little's law: throughput is in-flight over latency), never above the limit.
             self.slow_start = False
-            factor = max(0.5, 1.3 * base / mean)
-            why = f"latency climbed to {_ms(mean)} from {_ms(base)} unloaded: the service queues"
-            self._set(int(old * factor), why)
+            target = min(old, int(seen * 1.3 * base / mean))
+            why = (f"latency climbed to {_ms(mean)} from {_ms(base)} unloaded at {seen:.0f} in flight: "
+                   "the service queues")
+            self._set(target, why)
+            self._hold_until = now + mean
         elif self.slow_start:
             self.why = f"latency held at {_ms(mean)} ({_ms(base)} unloaded) up to {old} in flight"
             if old == self.cap:
                 self.why += f"; capped at {self.cap}"
         elif saturated and mean <= 1.3 * base:
-            step = max(1, int(math.sqrt(old)))
-            if self.ceiling is not None and old + step > 0.9 * self.ceiling:
-                step = 1  # near where calls were refused: approach it one by one
-            self._set(old + step, f"latency held at {_ms(mean)} ({_ms(base)} unloaded)")
+            # About sqrt(limit) a round trip: a round is min(limit, ROUND) completions.
+            self._credit += math.sqrt(old) * min(old, ROUND) / old
+            if self.ceiling is not None and old + self._credit > 0.9 * self.ceiling:
+                self._credit = min(self._credit, 1.0)  # near where calls were refused: one by one
+            step, self._credit = int(self._credit), self._credit - int(self._credit)
+            if step:
+                self._set(old + step, f"latency held at {_ms(mean)} ({_ms(base)} unloaded)")
 
     def _set(self, limit: int, why: str) -> None:
         limit = max(self.floor, min(self.cap, limit))

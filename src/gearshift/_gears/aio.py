@@ -38,17 +38,32 @@ from gearshift._gears._blocking import DaemonThreadPool
 from gearshift._task import Batch, Outcome, Result, RunSpec, Task, format_tb
 from gearshift.errors import TaskCancelled
 
-__all__ = ["AsyncGear", "is_async_callable", "loop_factory"]  # is_async_callable: for its older importers
+__all__ = ["AsyncGear", "is_async_callable", "loop_factory", "loop_name"]  # is_async_callable: for its older importers
 
 
-def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
-    """uvloop's loop when installed (it pays off with many events), else asyncio's."""
+LOOPS = ("auto", "uvloop", "asyncio")
+
+
+def loop_factory(loop: str = "auto") -> Callable[[], asyncio.AbstractEventLoop]:
+    """The event loop to run: uvloop's when installed (it pays off with many events) or asked
+    for, else asyncio's. ``loop="uvloop"`` without uvloop installed is an error that says so."""
+    if loop not in LOOPS:
+        raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}")
+    if loop == "asyncio":
+        return asyncio.new_event_loop
     try:
         import uvloop
     except ImportError:
+        if loop == "uvloop":
+            raise ImportError("loop='uvloop' needs uvloop: pip install 'gearshift[fast]'") from None
         return asyncio.new_event_loop
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     return factory
+
+
+def loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    """``uvloop`` or ``asyncio``: what runs the tasks (for the report)."""
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
 
 
 class _Clock:
@@ -145,9 +160,13 @@ class AsyncGear(Gear):
         coroutines_only=True, min_workers=16, max_workers=1000, tie_rank=30, label="the async gear",
     )
 
-    def __init__(self, workers: int | None = None) -> None:
-        """``workers``: tasks at once; None (the default) finds the number by measurement, per run."""
+    def __init__(self, workers: int | None = None, *, loop: str = "auto") -> None:
+        """``workers``: tasks at once; None (the default) finds the number by measurement, per run.
+        ``loop``: the event loop the gear runs when it owns one (called from sync code): "auto"
+        (uvloop when installed), "uvloop" or "asyncio"; under ``gs.amap`` the caller's loop runs."""
         super().__init__(workers)
+        self._loop_factory = loop_factory(loop)
+        self._loop_used = ""  # what ran the last run's tasks, for the report
         #: No fixed concurrency: each run adapts it (see ``_adaptive``).
         self.adaptive = workers is None
         self._limit: AdaptiveLimit | None = None
@@ -201,7 +220,10 @@ class AsyncGear(Gear):
         return super().describe()
 
     def notes(self) -> list[str]:
-        return [] if self._limit is None else [self._limit.describe()]
+        notes = [] if self._limit is None else [self._limit.describe()]
+        if self._loop_used:
+            notes.append(f"event loop: {self._loop_used}")
+        return notes
 
     def open(self, spec: RunSpec) -> None:
         self._spec = spec
@@ -215,6 +237,8 @@ class AsyncGear(Gear):
         self._pool = DaemonThreadPool(max_workers=min(threads, 256), thread_name_prefix="gearshift-async")
         run_initializer(spec)
         if self._native:
+            assert self._loop is not None
+            self._loop_used = f"{loop_name(self._loop)} (the caller's)"
             self._sem = _Slots(self.workers)
             self._native_event = asyncio.Event()
             return
@@ -224,7 +248,7 @@ class AsyncGear(Gear):
         started.wait()
 
     def _serve(self, started: threading.Event) -> None:
-        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        with asyncio.Runner(loop_factory=self._loop_factory) as runner:
             try:
                 runner.run(self._main(started))
             except asyncio.CancelledError:
@@ -232,6 +256,7 @@ class AsyncGear(Gear):
 
     async def _main(self, started: threading.Event) -> None:
         self._loop = asyncio.get_running_loop()
+        self._loop_used = f"{loop_name(self._loop)} (its own)"
         self._sem = _Slots(self.workers)
         self._stop = asyncio.Event()
         self._main_task = asyncio.current_task()
@@ -319,13 +344,15 @@ class AsyncGear(Gear):
     async def _run(self, fn: Callable[[Any], Any], task: Task, is_async: bool) -> None:
         assert self._sem is not None
         start = 0.0
+        seen = 0
         scope: asyncio.Timeout | None = None
         token: CancelToken | None = None
         try:
             async with self._sem:
                 start = time.perf_counter()
+                seen = self._sem.busy
                 if self._limit is not None:
-                    self._limit.busy(self._sem.busy)
+                    self._limit.busy(seen)
                 limit = self._spec.timeout
                 if is_async:
                     # (No token: a token per coroutine would cost more than the coroutine.)
@@ -352,10 +379,10 @@ class AsyncGear(Gear):
             if scope is not None and isinstance(exc, TimeoutError) and scope.expired():
                 if token is not None:
                     token.cancel()
-                self._adapt(elapsed, True)
+                self._adapt(elapsed, True, seen)
                 self._deliver(timeout_outcome(task, self._spec.timeout, elapsed))
             else:
-                self._adapt(elapsed, is_refusal(exc))
+                self._adapt(elapsed, is_refusal(exc), seen)
                 self._deliver(Outcome(task, False, exc, elapsed, format_tb(exc)))
             return
         except BaseException as exc:
@@ -365,13 +392,13 @@ class AsyncGear(Gear):
             self.wake()
             return
         elapsed = time.perf_counter() - start
-        self._adapt(elapsed, False)
+        self._adapt(elapsed, False, seen)
         self._deliver(Outcome(task, True, value, elapsed))
 
-    def _adapt(self, latency: float, refused: bool) -> None:
+    def _adapt(self, latency: float, refused: bool, seen: int) -> None:
         """Feed the adaptive limit (on the loop); a new limit resizes the slots and the window."""
         limit = self._limit
-        if limit is not None and limit.completed(latency, refused, self._sem.demand if self._sem else 0):
+        if limit is not None and limit.completed(latency, refused, self._sem.demand if self._sem else 0, seen):
             self.workers = limit.limit  # read by the driver for the window: more items come in
             assert self._sem is not None
             self._sem.resize(limit.limit)
