@@ -1,15 +1,18 @@
 """Concurrency found by measurement: how many calls may be in flight, adjusted as the run goes.
 
 When the user fixes no concurrency, the async gear starts low and measures each call's
-latency (its time inside a slot). Each round (as many completions as the limit) gives a
+latency (its time inside a slot). Each round (as many completions as the limit, 64 at most) gives a
 mean; the lowest so far stands for the unloaded latency (before the first, the fastest call):
 
 * slow start: each call that ends within 1.5x of the unloaded latency, while the limit is in
   use, adds 3 to it (4x a round trip), so pure waits reach thousands in flight in a few round
   trips, yet in-flight grows smoothly, and a service that starts refusing sees little overshoot;
-* queueing: when a round's mean latency passes 1.7x the unloaded one (the service queues), the
-  limit shrinks by the ratio (at most by half), and from then on grows by about its square root
-  a round while latency stays within 1.3x (a gradient limiter, as Vegas or concurrency-limits);
+* queueing: when a round's mean latency (a round: the limit's worth of completions, 64 at
+  most) passes 1.7x the unloaded one (the service queues), the limit goes to where latency
+  would be 1.3x unloaded given how many the round's calls saw in flight (Little's law), once
+  a round trip (calls started before a cut still report the old crowd); while latency stays
+  within 1.3x it grows by about its square root a round trip (a gradient limiter, as Vegas or
+  Netflix's concurrency-limits);
 * refusals: a timeout, a refused or reset connection, HTTP 429/503 (any exception with such a
   ``status`` or ``response.status_code``) cuts the limit to 0.7x at once, once a round; the limit
   it was cut from becomes a ceiling, approached one by one.
