@@ -17,6 +17,9 @@ from gearshift._cancel import CancelToken
 from gearshift._gears._base import Gear, GearCosts, cpu_count, initializer_error, join_threads, timeout_outcome
 from gearshift._task import Batch, Result, RunSpec, close_runner, run_batch, run_task
 
+#: Seconds a single call's prestart waits for a busy thread to come free before starting another.
+PRESTART_PATIENCE = 0.002
+
 
 @dataclass(slots=True)
 class _Running:
@@ -89,7 +92,12 @@ class ThreadGear(Gear):
         the engine to hand the work over; ``workers`` threads at most, an idle one reused."""
         run = self._run
         for _ in range(min(calls, self.workers)):
-            if run.idle.acquire(blocking=False):
+            with self._lock:
+                threads = len(self._threads) - run.stuck
+            # With threads up but none idle, give one a moment to come free (a call it just ended,
+            # or the engine's own dispatch of this very call, which may start a thread itself):
+            # a caller who waits for each result reuses one thread, as ThreadPoolExecutor does.
+            if run.idle.acquire(timeout=PRESTART_PATIENCE if calls == 1 and threads else 0):
                 run.idle.release()  # an idle thread will take it: only looked, not taken
                 return
             with self._lock:
@@ -129,9 +137,15 @@ class ThreadGear(Gear):
                     continue
                 if timed:
                     self._run_timed(run, batch, ident)
+                    run.idle.release()
                 else:
-                    done.put(run_batch(batch, token))
-                run.idle.release()
+                    results = run_batch(batch, token)
+                    # Idle before its results are seen: a caller who waits for them and submits
+                    # again finds this thread free (ThreadPoolExecutor reuses it: CPython's
+                    # test_idle_thread_reuse), rather than racing it and starting another.
+                    run.idle.release()
+                    done.put(results)
+                    del results
                 batch = None  # let the finished batch's items go before waiting for the next
         except BaseException as exc:
             # SystemExit (or KeyboardInterrupt) raised by a task: it means "stop", so it is
