@@ -72,7 +72,9 @@ def test_endless_generator_with_early_break(gear: str) -> None:
     assert got == list(range(1, 51))
     gc.collect()
     assert_all_stopped()
-    assert 50 <= source.taken < 100_000, "an endless input is admitted a window at a time"
+    # Bounded, not small: automatic chunks of tiny items grow to thousands (MAX_CHUNK is 50k), and a
+    # window of them plus one read ahead may be taken before the break stops the run.
+    assert 50 <= source.taken < 500_000, "an endless input is admitted a window at a time"
 
 
 @pytest.mark.parametrize("gear", GEARS)

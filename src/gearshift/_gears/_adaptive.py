@@ -83,6 +83,7 @@ class AdaptiveLimit:
         self._cut = False  # cut for a refusal this round already
         self._fastest = math.inf
         self._seen = 0
+        self._round_len = max(4, min(self.limit, ROUND))
         self._credit = 0.0
         self._hold_until = 0.0
         self._peak_busy = 0
@@ -123,7 +124,7 @@ class AdaptiveLimit:
                     and self._peak_busy >= 0.9 * self.limit and self.limit < self.cap):
                 self.limit = min(self.cap, self.limit + 3)  # (the reason is written at the round's end)
                 self.peak_limit = max(self.peak_limit, self.limit)
-        if self._n + self._refusals >= max(4, min(self.limit, ROUND)):
+        if self._n + self._refusals >= self._round_len:
             self._end_round(now)
         return self.limit != old
 
@@ -134,6 +135,9 @@ class AdaptiveLimit:
         saturated = self._peak_busy >= 0.9 * self.limit
         refusals = self._refusals
         self._n, self._sum, self._seen, self._refusals, self._peak_busy, self._cut = 0, 0.0, 0, 0, 0, False
+        # Fixed as the round starts: the first round is the first calls, made with the starting
+        # limit in flight (the unloaded latency), however much the limit grows meanwhile.
+        self._round_len = max(4, min(self.limit, ROUND))
         if mean is None:
             return
         self.last_mean = mean
