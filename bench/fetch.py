@@ -27,6 +27,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from peers import have
+
 import gearshift as gs
 
 BIG = 1 << 20
@@ -114,14 +116,6 @@ def gs_fetch(concurrency: int | None) -> Callable[[list[str], Path], None]:
         assert report.ok == len(urls), str(report)
 
     return run
-
-
-def have(module: str) -> bool:
-    try:
-        __import__(module)
-    except ImportError:
-        return False
-    return True
 
 
 def main() -> None:

@@ -454,11 +454,11 @@ class _Run:
         self.error_stage: int | None = None
         self.stopping = False
         self.closed = False
-        self.started_at = time.perf_counter()
+        #: (monotonic, the channels' clock too) when the stages started and when the run closed.
+        self.started_at = time.monotonic()
         self.ended_at: float | None = None
         self.out_counts = [0] * n
         self.last_out: list[float | None] = [None] * n  # (monotonic) each stage's last output
-        self.started_mono = time.monotonic()
         self.passed = [0] * n
         self.samples: list[tuple[float, list[int], list[int]]] = []
         self._monitor: threading.Thread | None = None
@@ -488,8 +488,7 @@ class _Run:
             self.gears.append(gear)
             self.specs.append(spec)
         self._catch_sigterm()
-        self.started_at = time.perf_counter()
-        self.started_mono = time.monotonic()
+        self.started_at = time.monotonic()
         for k in reversed(range(len(self.stages))):
             # Each gear opens (a process gear forks) before any stage upstream runs user code.
             thread = threading.Thread(
@@ -651,7 +650,7 @@ class _Run:
                 self.stop()
             self._join()
         finally:
-            self.ended_at = time.perf_counter()
+            self.ended_at = time.monotonic()
             self._monitor_stop.set()
             if self._monitor is not None:
                 self._monitor.join()
@@ -680,13 +679,13 @@ class _Run:
         while not self._monitor_stop.wait(every):
             queues = [0 if c is None else c.waiting() for c in self.channels[:-1]]
             queues[0] = 0
-            self.samples.append((time.perf_counter() - self.started_at, queues, list(self.out_counts)))
+            self.samples.append((time.monotonic() - self.started_at, queues, list(self.out_counts)))
             if len(self.samples) >= MAX_SAMPLES:
                 del self.samples[::2]
                 every *= 2
 
     def make_report(self) -> PipelineReport:
-        end = self.ended_at if self.ended_at is not None else time.perf_counter()
+        end = self.ended_at if self.ended_at is not None else time.monotonic()
         wall = end - self.started_at
         stages = []
         for k, stage in enumerate(self.stages):
@@ -694,7 +693,7 @@ class _Run:
             scheduler = self.schedulers[k] if k < len(self.schedulers) else None
             r = scheduler.report if scheduler is not None else None
             gear = self.gears[k] if k < len(self.gears) else None
-            first = self.started_mono if channel is None else channel.first_put
+            first = self.started_at if channel is None else channel.first_put
             last = self.last_out[k]
             active = last - first if first is not None and last is not None and last > first else 0.0
             items_in = (channel.taken if channel is not None else (r.succeeded + r.failed + self.passed[k] if r else 0))
