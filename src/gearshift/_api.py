@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Hashable, Iterable, Iterator
 from typing import Any, Literal
 
 from gearshift._engine import ErrorPolicy, PullArg, Report, Scheduler, adrive, drive
 from gearshift._gears import Gear, make_gear
 from gearshift._progress import ProgressArg
+from gearshift._rate import RateArg
 from gearshift._retry import Retry
 from gearshift._task import RunSpec
 
@@ -86,11 +87,12 @@ def _prepare(
     progress: ProgressArg,
     timeout: float | None,
     retries: int | Retry | None,
-    rate: str | float | None,
+    rate: RateArg,
     initializer: Callable[..., Any] | None,
     initargs: tuple[Any, ...],
     max_tasks_per_worker: int | None,
     pull: PullArg,
+    rate_key: Callable[[Any], Hashable] | None = None,
 ) -> tuple[Scheduler, Gear, RunSpec]:
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
@@ -100,7 +102,7 @@ def _prepare(
     the_gear = make_gear(gear, _workers(workers, concurrency))
     scheduler = Scheduler(
         fn, items, the_gear, ordered=ordered, chunksize=chunksize, errors=errors, retries=retries,
-        rate=rate, progress=progress, pull=pull,
+        rate=rate, progress=progress, pull=pull, rate_key=rate_key,
     )
     # The auto gear reports its choice on the run's report, and sizes it from the input's length.
     extra = {"report": scheduler.report, "total": scheduler.total}
@@ -143,7 +145,8 @@ def imap(
     progress: ProgressArg = False,
     timeout: float | None = None,
     retries: int | Retry | None = 0,
-    rate: str | float | None = None,
+    rate: RateArg = None,
+    rate_key: Callable[[Any], Hashable] | None = None,
     initializer: Callable[..., Any] | None = None,
     initargs: tuple[Any, ...] = (),
     max_tasks_per_worker: int | None = None,
@@ -157,7 +160,7 @@ def imap(
     _refuse_running_loop("imap")
     scheduler, the_gear, spec = _prepare(
         fn, items, gear, workers, concurrency, ordered, chunksize, errors, progress, timeout, retries, rate,
-        initializer, initargs, max_tasks_per_worker, pull,
+        initializer, initargs, max_tasks_per_worker, pull, rate_key,
     )
     if scheduler.reads_async:
         raise TypeError("the input is an async iterable: read it with `async for r in gs.amap(...)`")
@@ -177,7 +180,8 @@ def map(  # noqa: A001 - the name is the point
     progress: ProgressArg = False,
     timeout: float | None = None,
     retries: int | Retry | None = 0,
-    rate: str | float | None = None,
+    rate: RateArg = None,
+    rate_key: Callable[[Any], Hashable] | None = None,
     initializer: Callable[..., Any] | None = None,
     initargs: tuple[Any, ...] = (),
     max_tasks_per_worker: int | None = None,
@@ -200,6 +204,11 @@ def map(  # noqa: A001 - the name is the point
     rate:      at most this many item starts, e.g. ``"50/s"``, counted per item (retries
                included), with a burst of a tenth of a second's worth at most; under a rate
                at most ``workers`` items are in flight, so none waits in a queue.
+               A mapping sets a rate per key: ``rate={"api.example.com": "10/s", "*": "2/s"}``
+               with ``rate_key=`` a function from an item to its key (e.g. the URL's host);
+               ``"*"`` gives each key not listed a bucket of its own, keys not covered are not
+               limited. An item whose key has no token waits apart (up to a few hundred
+               items, then the input waits too) while items of other keys go on.
     pull:      how the input is read. "auto": a sized input (list, tuple, range, dict...)
                on the calling thread, any other iterable (a generator, a file, a socket
                reader) by a thread of its own ("gearshift-source"), so a slow or blocked
@@ -222,7 +231,7 @@ def map(  # noqa: A001 - the name is the point
     _refuse_running_loop("map")
     scheduler, the_gear, spec = _prepare(
         fn, items, gear, workers, concurrency, ordered, chunksize, errors, progress, timeout, retries, rate,
-        initializer, initargs, max_tasks_per_worker, pull,
+        initializer, initargs, max_tasks_per_worker, pull, rate_key,
     )
     done: dict[int, Any] = {}
     results = Results()
@@ -255,7 +264,8 @@ async def amap(
     progress: ProgressArg = False,
     timeout: float | None = None,
     retries: int | Retry | None = 0,
-    rate: str | float | None = None,
+    rate: RateArg = None,
+    rate_key: Callable[[Any], Hashable] | None = None,
     initializer: Callable[..., Any] | None = None,
     initargs: tuple[Any, ...] = (),
     max_tasks_per_worker: int | None = None,
@@ -272,7 +282,7 @@ async def amap(
     """
     scheduler, the_gear, spec = _prepare(
         fn, items, gear, workers, concurrency, ordered, chunksize, errors, progress, timeout, retries, rate,
-        initializer, initargs, max_tasks_per_worker, pull,
+        initializer, initargs, max_tasks_per_worker, pull, rate_key,
     )
     chunks = adrive(scheduler, the_gear, spec)
     async with contextlib.aclosing(chunks):

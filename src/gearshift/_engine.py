@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Literal
@@ -33,7 +33,7 @@ from gearshift._feed import Feed
 from gearshift._gears import Gear
 from gearshift._gears.aio import AsyncGear
 from gearshift._progress import Progress, ProgressArg, make_progress
-from gearshift._rate import RateLimiter, parse_rate
+from gearshift._rate import KeyedRate, RateArg, RateLimiter, make_rate
 from gearshift._retry import Retry, as_retry
 from gearshift._sources import (
     POLL,
@@ -54,6 +54,9 @@ PullArg = Literal["auto", "thread", "caller"]
 PULL_MODES = ("auto", "thread", "caller")
 #: Largest chunk ever formed, whatever the measurements say.
 MAX_CHUNK = 50_000
+#: Under a rate per key, items waiting for their key's token (or, in an ordered run, finished
+#: and waiting for an earlier item) before the input waits too: fewer for big items.
+PARK_MAX = 1024
 #: Chunks are capped so the known remaining input makes at least this many per worker (tail balance).
 CHUNKS_PER_WORKER = 4
 #: A batch holds about this many bytes of items at most (estimated from the items' sizes), so big
@@ -113,9 +116,10 @@ class Scheduler:
         chunksize: int | Literal["auto"] = "auto",
         errors: ErrorPolicy = "raise",
         retries: int | Retry | None = None,
-        rate: str | float | None = None,
+        rate: RateArg = None,
         progress: ProgressArg = False,
         pull: PullArg = "auto",
+        rate_key: Callable[[Any], Hashable] | None = None,
     ) -> None:
         if pull not in PULL_MODES:
             raise ValueError(f"pull must be one of {PULL_MODES}, got {pull!r}")
@@ -129,7 +133,16 @@ class Scheduler:
         self.errors = errors
         self.retry = as_retry(retries)
         self._fixed_chunk = None if chunksize == "auto" else chunksize
-        self._limiter = None if rate is None else RateLimiter(parse_rate(rate))
+        limiter = make_rate(rate, rate_key)
+        self._limiter = limiter if isinstance(limiter, RateLimiter) else None
+        self._keyed = limiter if isinstance(limiter, KeyedRate) else None
+        if self._keyed is not None and isinstance(items, Feed):
+            raise ValueError("a rate per key is for map, imap, amap and pipeline stages; give the executor one rate")
+        # Under a rate per key: items whose key has no token yet, by key (oldest first), so
+        # they wait without holding up items of other keys; at most ``_park_max`` of them.
+        self._parked: dict[Hashable, deque[Task]] = {}
+        self._parked_count = 0
+        self._park_max = 0
         self.total: int | None = input_length(items)
         self._feed: Feed | None = items if isinstance(items, Feed) else None
         self._source: _Inline | _Puller | Feed | Channel
@@ -156,6 +169,7 @@ class Scheduler:
         self._per_item: float | None = None
         self._item_bytes = 0  # estimated size of an item (from one item per batch)
         self._rate_wait = 0.0
+        self._pending_batches: list[Batch] = []
         self.report = Report(gear=gear.describe(), workers=gear.workers)
         #: Items for which this is true skip the function and are released as they are, in
         #: their place (a pipeline's earlier failures under "collect" pass a later stage).
@@ -238,7 +252,9 @@ class Scheduler:
     def _window(self, chunk: int) -> int:
         # Under a rate no item waits in a gear's queue (one item per worker at most), so an
         # item starts when its token is taken, never in a clump after a queue drains.
-        return self.gear.workers if self._limiter is not None else self.gear.window(chunk)
+        if self._limiter is not None or self._keyed is not None:
+            return self.gear.workers
+        return self.gear.window(chunk)
 
     def take_batches(self, now: float) -> list[Batch]:
         """The batches to hand to the gear now: due retries first, then fresh input.
@@ -252,6 +268,10 @@ class Scheduler:
         limiter = self._limiter
         self._rate_wait = 0.0
         while self._retry_heap and self._retry_heap[0][0] <= now:
+            if self._keyed is not None:
+                _, _, task = heapq.heappop(self._retry_heap)
+                self._park(task, now, first=True)
+                continue
             if limiter is not None:
                 if self._outstanding >= self._window(1):
                     break
@@ -265,6 +285,9 @@ class Scheduler:
         source = self._source
         if source.error is not None and not isinstance(source.error, Exception):
             raise source.error  # SystemExit or the like from the input: stop now, not after its items
+        if self._keyed is not None:
+            self._take_keyed(now, batches)
+            return batches
         feed = self._feed
         while not self._rate_wait and not source.exhausted:
             chunk = self.chunk_size() if feed is None or feed.chunk_hint is None else feed.chunk_hint
@@ -306,6 +329,86 @@ class Scheduler:
                 self.report.chunksize = n
         return batches
 
+    def _take_keyed(self, now: float, batches: list[Batch]) -> None:
+        """Under a rate per key: parked items whose key has a token, then fresh input, one item a batch.
+
+        A fresh item whose key has no token (or whose key already has items waiting) is
+        parked and the input read on, so one slow key never holds up the others; the input
+        stops being read only when ``_park_max`` items wait (memory stays bounded).
+        """
+        keyed = self._keyed
+        assert keyed is not None
+        window = self._window(1)
+        for key in list(self._parked):
+            waiting = self._parked[key]
+            while waiting and self._outstanding < window and keyed.take(key, now):
+                self._start_one(waiting.popleft())
+                self._parked_count -= 1
+            if not waiting:
+                del self._parked[key]
+            if self._outstanding >= window:
+                break
+        source = self._source
+        self._park_max = max(PARK_MAX, 4 * window)
+        if self._item_bytes:
+            self._park_max = max(window, min(self._park_max, CHUNK_BYTES * 4 // self._item_bytes))
+        while (not source.exhausted and self._outstanding < window and self._parked_count < self._park_max
+               and self._admitted - self._outstanding < 2 * window + self._park_max):
+            source.capacity = window - self._outstanding
+            items = source.take(window - self._outstanding, partial_ok=True)
+            if not items:
+                break
+            self._item_bytes = _size_of(items[0])
+            for item in items:
+                task = Task(self._next_index, item)
+                self._next_index += 1
+                self._admitted += 1
+                if self.passthrough is not None and self.passthrough(item):
+                    self._release(task.index, item)
+                else:
+                    self._park(task, now)
+        # What becomes possible next without an outcome: the soonest token of a waiting key.
+        if self._parked and self._outstanding < window:
+            self._rate_wait = max(1e-4, min(keyed.wait_time(key, now) for key in self._parked))
+        if self._pending_batches:
+            batches.extend(self._pending_batches)
+            self._pending_batches.clear()
+
+    def _park(self, task: Task, now: float, first: bool = False) -> None:
+        """Start ``task`` now if its key has a token and none of its key waits; else park it."""
+        keyed = self._keyed
+        assert keyed is not None
+        try:
+            key = keyed.key(task.item)
+            hash(key)
+        except Exception as exc:
+            exc.add_note(f"gearshift: rate_key failed on item #{task.index} {short_repr(task.item)}")
+            if self.errors == "raise":
+                self.report.failed += 1
+                raise
+            self._outstanding += 1
+            self.complete([Outcome(task, False, exc, 0.0, format_tb(exc))], now, final=True)
+            return
+        waiting = self._parked.get(key)
+        if not waiting and self._outstanding < self._window(1) and keyed.take(key, now):
+            self._start_one(task)
+            return
+        if waiting is None:
+            waiting = self._parked[key] = deque()
+        if first:
+            waiting.appendleft(task)  # a retry goes before its key's fresh items
+        else:
+            waiting.append(task)
+        self._parked_count += 1
+
+    def _start_one(self, task: Task) -> None:
+        fn = self.fn
+        batch = Batch.run(fn, task.index, [task.item], task.attempt) if task.attempt == 1 else Batch(fn, [task])
+        self._pending_batches.append(batch)
+        self._outstanding += 1
+        if self.report.chunksize < 1:
+            self.report.chunksize = 1
+
     def _pass_around(self, fn: Callable[[Any], Any], items: list[Any], batches: list[Batch]) -> None:
         """Items the ``passthrough`` picks are released in place; the runs between them are batches."""
         passes = self.passthrough
@@ -341,8 +444,11 @@ class Scheduler:
         raise exc
 
     # -- outcomes -------------------------------------------------------------------------
-    def complete(self, outcomes: list[Result], now: float) -> None:
-        """Take outcomes back; under ``errors="raise"`` re-raise the first final failure."""
+    def complete(self, outcomes: list[Result], now: float, final: bool = False) -> None:
+        """Take outcomes back; under ``errors="raise"`` re-raise the first final failure.
+
+        ``final``: failures are not retried (an item that could not be started at all).
+        """
         timed = 0.0
         released = 0
         report = self.report
@@ -371,7 +477,7 @@ class Scheduler:
                 self._release(task.index, outcome.value)
                 continue
             exc = outcome.value
-            if self.retry is not None and self.retry.should_retry(exc, task.attempt):
+            if not final and self.retry is not None and self.retry.should_retry(exc, task.attempt):
                 self.report.retried += 1
                 retry_at = now + self.retry.delay_for(exc, task.attempt)
                 again = Task(task.index, task.item, task.attempt + 1)
@@ -433,7 +539,8 @@ class Scheduler:
     # -- driving --------------------------------------------------------------------------
     @property
     def finished(self) -> bool:
-        return self.exhausted and self._outstanding == 0 and not self._retry_heap and not self.ready
+        return (self.exhausted and self._outstanding == 0 and not self._retry_heap and not self.ready
+                and not self._parked)
 
     def wait_timeout(self, now: float) -> float:
         """How long a driver may block in ``collect`` before the scheduler needs it back."""

@@ -4,6 +4,10 @@ A token bucket: one token per item (a batch of k items takes k tokens, retries
 included), refilled at the rate, holding at most a small burst (a tenth of a second's
 worth, at least one). So the items started in any stretch of ``T`` seconds never
 exceed ``rate * T + burst``.
+
+Per key (``rate={"api.example.com": "10/s", "*": "2/s"}`` with ``rate_key=``): one
+bucket per key, so a job that touches several services is polite to each; the engine
+parks an item whose key has no token and goes on with items of other keys.
 """
 
 from __future__ import annotations
@@ -11,8 +15,15 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any, TypeAlias
 
-__all__ = ["RateLimiter", "parse_rate"]
+__all__ = ["ANY_KEY", "KeyedRate", "RateArg", "RateLimiter", "make_rate", "parse_rate"]
+
+#: In a mapping of rates, the rate each key not listed gets (a bucket of its own per key).
+ANY_KEY = "*"
+#: Buckets of keys not listed are dropped when full and idle past this many (bounded memory).
+MAX_IDLE_BUCKETS = 10_000
 
 _UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0, "h": 3600.0, "hour": 3600.0}
 _RATE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(?:/\s*([a-z]+))?\s*$")
@@ -63,3 +74,92 @@ class RateLimiter:
     def take(self, n: int = 1) -> None:
         """Spend ``n`` tokens (the caller checked ``available``)."""
         self._tokens -= n
+
+
+class KeyedRate:
+    """A token bucket per key of the item (``key(item)``), and optionally one over all keys.
+
+    ``rates`` maps keys to rates; ``"*"`` gives every key not listed a bucket of its own
+    at that rate; keys neither listed nor covered by ``"*"`` are not limited (except by
+    ``total``). Tokens are only taken when both the key's bucket and the total have one.
+    """
+
+    def __init__(
+        self,
+        rates: Mapping[Hashable, str | float],
+        key: Callable[[Any], Hashable],
+        total: str | float | None = None,
+    ) -> None:
+        if not isinstance(rates, Mapping) or not rates:
+            raise ValueError(f"a rate per key needs a non-empty mapping of key to rate, got {rates!r}")
+        if not callable(key):
+            raise TypeError(f"rate_key must be a function of the item, got {key!r}")
+        self.key = key
+        self._rates = {k: parse_rate(v) for k, v in rates.items()}
+        self._default = self._rates.pop(ANY_KEY, None)
+        self._buckets: dict[Hashable, RateLimiter] = {k: RateLimiter(r) for k, r in self._rates.items()}
+        self.total = None if total is None else RateLimiter(parse_rate(total))
+
+    def describe(self) -> str:
+        parts = [f"{k}: {_per_second(r)}" for k, r in self._rates.items()]
+        if self._default is not None:
+            parts.append(f"each other key: {_per_second(self._default)}")
+        if self.total is not None:
+            parts.append(f"all keys: {_per_second(self.total.per_second)}")
+        return ", ".join(parts)
+
+    def _bucket(self, key: Hashable) -> RateLimiter | None:
+        bucket = self._buckets.get(key)
+        if bucket is None and self._default is not None:
+            if len(self._buckets) > len(self._rates) + MAX_IDLE_BUCKETS:
+                self._forget_idle()
+            bucket = self._buckets[key] = RateLimiter(self._default)
+        return bucket
+
+    def _forget_idle(self) -> None:
+        now = time.monotonic()
+        for k in [k for k, b in self._buckets.items() if k not in self._rates and b.available(now) >= b.burst]:
+            del self._buckets[k]
+
+    def take(self, key: Hashable, now: float) -> bool:
+        """Spend a token of ``key`` (and of the total) if both have one; False otherwise."""
+        bucket = self._bucket(key)
+        if bucket is not None and not bucket.available(now):
+            return False
+        if self.total is not None:
+            if not self.total.available(now):
+                return False
+            self.total.take(1)
+        if bucket is not None:
+            bucket.take(1)
+        return True
+
+    def wait_time(self, key: Hashable, now: float) -> float:
+        """Seconds until ``key`` may start an item (0 when it may now)."""
+        bucket = self._bucket(key)
+        wait = 0.0 if bucket is None else bucket.wait_time(now)
+        if self.total is not None:
+            wait = max(wait, self.total.wait_time(now))
+        return wait
+
+
+RateArg: TypeAlias = "str | float | Mapping[Hashable, str | float] | KeyedRate | None"
+
+
+def make_rate(rate: RateArg, rate_key: Callable[[Any], Hashable] | None = None) -> RateLimiter | KeyedRate | None:
+    """The limiter for a run's ``rate=`` and ``rate_key=`` (bad values refused here, before any work)."""
+    if isinstance(rate, KeyedRate):
+        if rate_key is not None:
+            raise ValueError("rate_key= is given twice: the KeyedRate has its own key")
+        return rate
+    if isinstance(rate, Mapping):
+        if rate_key is None:
+            raise ValueError("rate= a mapping of key to rate needs rate_key=, a function from an item to its key")
+        return KeyedRate(rate, rate_key)
+    if rate_key is not None:
+        raise ValueError("rate_key= needs rate= a mapping of key to rate, e.g. {'api.example.com': '10/s', '*': '2/s'}")
+    return None if rate is None else RateLimiter(parse_rate(rate))
+
+
+def _per_second(rate: float) -> str:
+    return f"{rate:g}/s"

@@ -41,7 +41,7 @@ from urllib.parse import unquote, urlsplit
 from gearshift._api import amap
 from gearshift._cli.outputs import RecordWriter
 from gearshift._gears.aio import AsyncGear, loop_factory
-from gearshift._rate import RateLimiter, parse_rate
+from gearshift._rate import ANY_KEY, KeyedRate
 from gearshift._retry import Retry
 from gearshift.errors import Failure
 
@@ -95,6 +95,14 @@ class _Job:
     line: int
     url: str
     error: str | None = None  # a malformed line: why
+
+
+def _host_of(job: _Job) -> str:
+    """The key of a URL's per-host rate."""
+    try:
+        return (urlsplit(job.url).hostname or "").lower()
+    except ValueError:
+        return ""
 
 
 @dataclass
@@ -223,8 +231,7 @@ def _read_manifest(path: Path, resume: bool) -> _Previous:
 class _Fetcher:
     """The async callable the engine runs per URL: GET, stream to a file, return the record."""
 
-    def __init__(self, session: Any, out: Path, ours: set[str], timeout: float,
-                 per_host_rate: float | None, claims: Any) -> None:
+    def __init__(self, session: Any, out: Path, ours: set[str], timeout: float, claims: Any) -> None:
         import aiohttp
 
         self.claims = claims
@@ -234,8 +241,6 @@ class _Fetcher:
         self.ours = ours  # files the manifest lists or this run wrote: ours to (over)write
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self.timeout_seconds = timeout
-        self.per_host = per_host_rate
-        self._hosts: dict[str, RateLimiter] = {}
         self.attempts: dict[int, int] = {}
         self.spent: dict[int, float] = {}  # seconds of a URL's attempts so far (for a failure's record)
         self.__name__ = "fetch"
@@ -252,8 +257,6 @@ class _Fetcher:
     async def _get(self, job: _Job) -> dict[str, Any]:
         if job.error is not None:
             raise _Final(job.error)
-        if self.per_host is not None:
-            await self._host_turn(urlsplit(job.url).hostname or "")
         name = file_name(job.url)
         final = self.out / name
         if name not in self.ours and final.exists():
@@ -287,18 +290,6 @@ class _Fetcher:
         return {"line": job.line, "url": job.url, "status": status, "bytes": size, "file": name, "sha256": digest,
                 "elapsed": round(time.perf_counter() - start, 6), "attempts": self.attempts.pop(job.line, 1),
                 "error": None}
-
-    async def _host_turn(self, host: str) -> None:
-        assert self.per_host is not None
-        limiter = self._hosts.get(host)
-        if limiter is None:
-            limiter = self._hosts[host] = RateLimiter(self.per_host)
-        while True:
-            now = time.monotonic()
-            if limiter.available(now):
-                limiter.take(1)
-                return
-            await asyncio.sleep(limiter.wait_time(now))
 
     async def _save(self, resp: Any, final: Path) -> tuple[int, str]:
         part = final.with_name(f".{final.name}.part")
@@ -416,7 +407,11 @@ async def afetch(
         raise ValueError(f"retries must be an int >= 0, got {retries!r}")
     if not (isinstance(timeout, (int, float)) and timeout > 0):
         raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
-    host_rate = None if per_host_rate is None else parse_rate(per_host_rate)
+    limits: str | float | KeyedRate | None = rate
+    if per_host_rate is not None:
+        # One bucket per host in the engine: a URL waiting for its host's turn holds no slot,
+        # and URLs of other hosts go on meanwhile.
+        limits = KeyedRate({ANY_KEY: per_host_rate}, _host_of, total=rate)
     directory = Path(out)
     if directory.exists() and not directory.is_dir():
         raise FetchRefused(f"--out {directory} exists and is not a directory")
@@ -435,11 +430,11 @@ async def afetch(
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         async with aiohttp.ClientSession(connector=connector) as session:
             claims = stack.enter_context(open(directory / CLAIMS, "a", encoding="utf-8"))  # noqa: SIM115
-            fetcher = _Fetcher(session, directory, set(previous.files), float(timeout), host_rate, claims)
+            fetcher = _Fetcher(session, directory, set(previous.files), float(timeout), claims)
             policy = _HTTPRetry(attempts=retries + 1, backoff=0.2, max_backoff=30.0, on=(_Retryable,))
             results: AsyncGenerator[Any, None] = amap(  # type: ignore[assignment]
                 fetcher, _jobs(urls, previous.done, report), gear=gear, ordered=False, errors="collect",
-                retries=policy if retries else 0, rate=rate, progress=progress, pull="caller",
+                retries=policy if retries else 0, rate=limits, progress=progress, pull="caller",
             )
             async with contextlib.aclosing(results):
                 async for value in results:

@@ -30,7 +30,7 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Literal
@@ -42,6 +42,7 @@ from gearshift._gears import Gear, gear_class
 from gearshift._gears._base import CANCEL_GRACE, cpu_count
 from gearshift._pipeline_report import PipelineReport, StageReport
 from gearshift._progress import ProgressArg, make_progress
+from gearshift._rate import RateArg, make_rate
 from gearshift._retry import Retry
 from gearshift._sources import Channel, _bound_to_its_thread, input_length
 from gearshift._task import RunSpec
@@ -123,12 +124,13 @@ class _Stage:
     chunksize: int | Literal["auto"]
     timeout: float | None
     retries: int | Retry | None
-    rate: str | float | None
+    rate: RateArg
     errors: ErrorPolicy | None
     initializer: Callable[..., Any] | None
     initargs: tuple[Any, ...]
     max_tasks_per_worker: int | None
     buffer: int | None
+    rate_key: Callable[[Any], Hashable] | None
 
     def call(self) -> Callable[[Any], Any]:
         """The function the stage's gear runs."""
@@ -198,7 +200,8 @@ class Pipeline:
         chunksize: int | Literal["auto"] = "auto",
         timeout: float | None = None,
         retries: int | Retry | None = 0,
-        rate: str | float | None = None,
+        rate: RateArg = None,
+        rate_key: Callable[[Any], Hashable] | None = None,
         errors: ErrorPolicy | None = None,
         initializer: Callable[..., Any] | None = None,
         initargs: tuple[Any, ...] = (),
@@ -212,7 +215,7 @@ class Pipeline:
         errors (default: the function's name; repeated names get ``#2``, ``#3``).
         """
         return self._add("map", fn, gear, workers, concurrency, chunksize, timeout, retries, rate, errors,
-                         initializer, initargs, max_tasks_per_worker, buffer, name)
+                         initializer, initargs, max_tasks_per_worker, buffer, name, rate_key)
 
     def filter(
         self,
@@ -224,7 +227,8 @@ class Pipeline:
         chunksize: int | Literal["auto"] = "auto",
         timeout: float | None = None,
         retries: int | Retry | None = 0,
-        rate: str | float | None = None,
+        rate: RateArg = None,
+        rate_key: Callable[[Any], Hashable] | None = None,
         errors: ErrorPolicy | None = None,
         initializer: Callable[..., Any] | None = None,
         initargs: tuple[Any, ...] = (),
@@ -238,7 +242,7 @@ class Pipeline:
         is not worth a hand-off. Give it a gear when the test itself is heavy.
         """
         return self._add("filter", pred, gear, workers, concurrency, chunksize, timeout, retries, rate, errors,
-                         initializer, initargs, max_tasks_per_worker, buffer, name)
+                         initializer, initargs, max_tasks_per_worker, buffer, name, rate_key)
 
     def flat_map(
         self,
@@ -250,7 +254,8 @@ class Pipeline:
         chunksize: int | Literal["auto"] = "auto",
         timeout: float | None = None,
         retries: int | Retry | None = 0,
-        rate: str | float | None = None,
+        rate: RateArg = None,
+        rate_key: Callable[[Any], Hashable] | None = None,
         errors: ErrorPolicy | None = None,
         initializer: Callable[..., Any] | None = None,
         initargs: tuple[Any, ...] = (),
@@ -264,13 +269,14 @@ class Pipeline:
         and passed on in order. An async generator function is fine in the async gear.
         """
         return self._add("flat_map", fn, gear, workers, concurrency, chunksize, timeout, retries, rate, errors,
-                         initializer, initargs, max_tasks_per_worker, buffer, name)
+                         initializer, initargs, max_tasks_per_worker, buffer, name, rate_key)
 
     def _add(
         self, kind: Kind, fn: Callable[[Any], Any], gear: GearArg, workers: int | None, concurrency: int | None,
         chunksize: int | Literal["auto"], timeout: float | None, retries: int | Retry | None,
-        rate: str | float | None, errors: ErrorPolicy | None, initializer: Callable[..., Any] | None,
+        rate: RateArg, errors: ErrorPolicy | None, initializer: Callable[..., Any] | None,
         initargs: tuple[Any, ...], max_tasks_per_worker: int | None, buffer: int | None, name: str | None,
+        rate_key: Callable[[Any], Hashable] | None = None,
     ) -> Pipeline:
         if not callable(fn):
             raise TypeError(f"a {kind} stage needs a callable, got {type(fn).__name__}")
@@ -282,6 +288,7 @@ class Pipeline:
             raise TypeError(f"gear must be a name or a Gear, got {type(gear).__name__}")
         if buffer is not None:
             _check_buffer(buffer)
+        make_rate(rate, rate_key)  # a bad rate is refused here, not when the run starts
         if max_tasks_per_worker is not None and max_tasks_per_worker < 1:
             raise ValueError(f"max_tasks_per_worker must be >= 1, got {max_tasks_per_worker!r}")
         if chunksize != "auto" and (isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1):
@@ -293,7 +300,7 @@ class Pipeline:
             n += 1
             unique = f"{base}#{n}"
         stage = _Stage(kind, fn, unique, gear, _workers(workers, concurrency), chunksize, _check_timeout(timeout),
-                       retries, rate, errors, initializer, tuple(initargs), max_tasks_per_worker, buffer)
+                       retries, rate, errors, initializer, tuple(initargs), max_tasks_per_worker, buffer, rate_key)
         new = Pipeline(self._source, errors=self._errors, ordered=self._ordered, buffer=self._buffer,
                        progress=self._progress, pull=self._pull)
         new._stages = (*self._stages, stage)
@@ -480,7 +487,7 @@ class _Run:
             scheduler, gear, spec = _prepare(
                 stage.call(), items, stage.gear, stage.workers, None, self.ordered, stage.chunksize, errors,
                 False, stage.timeout, stage.retries, stage.rate, stage.initializer, stage.initargs,
-                stage.max_tasks_per_worker, "auto",
+                stage.max_tasks_per_worker, "auto", stage.rate_key,
             )
             if k > 0:
                 scheduler.passthrough = _is_failure
