@@ -4,6 +4,12 @@ For blocking I/O, and for CPU work that releases the GIL (hashlib, zlib, NumPy,
 Cython ``nogil``) or runs on a free-threaded build. Threads cannot be killed: a
 timed-out item is reported at once, its cancel token is set, the rest of its batch
 is handed to other threads, and its thread counts as busy until the function returns.
+
+Given no ``workers``, the number of threads at work is found by measurement as the run
+goes (``_adaptive.AdaptiveLimit``, as in the async gear): it climbs while the calls'
+latency holds (blocking I/O: more at once pays), and backs off when latency climbs (a
+service that queues, or CPU work that holds the GIL), on timeouts and on refusals.
+Threads above the limit wait at a gate before taking work; a thread never stops midway.
 """
 
 from __future__ import annotations
@@ -14,11 +20,43 @@ import time
 from dataclasses import dataclass
 
 from gearshift._cancel import CancelToken
+from gearshift._gears._adaptive import AdaptiveLimit, is_refusal, open_files_cap
 from gearshift._gears._base import Gear, GearCosts, cpu_count, initializer_error, join_threads, timeout_outcome
-from gearshift._task import Batch, Result, RunSpec, close_runner, run_batch, run_task
+from gearshift._task import Batch, Outcome, Result, RunSpec, close_runner, run_batch, run_task
 
 #: Seconds a single call's prestart waits for a busy thread to come free before starting another.
 PRESTART_PATIENCE = 0.002
+#: Threads an adaptive run may reach at most (each holds a stack; more rarely pays on one machine).
+MAX_THREADS = 512
+
+
+class _Gate:
+    """At most ``limit`` threads past it at once; the limit may change while threads wait."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+        self._cond = threading.Condition(threading.Lock())
+
+    def enter(self, token: CancelToken) -> bool:
+        """Wait for a place; False when the run was cancelled meanwhile."""
+        with self._cond:
+            while self.active >= self.limit:
+                if token.cancelled:
+                    return False
+                self._cond.wait(0.05)
+            self.active += 1
+            return True
+
+    def leave(self) -> None:
+        with self._cond:
+            self.active -= 1
+            self._cond.notify()
+
+    def resize(self, limit: int) -> None:
+        with self._cond:
+            self.limit = limit
+            self._cond.notify_all()
 
 
 @dataclass(slots=True)
@@ -60,6 +98,11 @@ class ThreadGear(Gear):
         """``thread_name_prefix``: threads are named ``f"{prefix}_{n}"`` (as ``ThreadPoolExecutor``
         names them) instead of ``gearshift-thread-{n}``."""
         super().__init__(workers)
+        #: No fixed number of threads: each run adapts it (see the module docstring).
+        self.adaptive = workers is None
+        self._limit: AdaptiveLimit | None = None
+        self._gate: _Gate | None = None
+        self._adapt_lock = threading.Lock()
         self.thread_name_prefix = thread_name_prefix
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
@@ -73,10 +116,40 @@ class ThreadGear(Gear):
         # Threads mostly wait (I/O) or run GIL-free code: more than cores pays.
         return min(32, 4 * cpu_count() + 4)
 
+    def describe(self) -> str:
+        if self.adaptive:
+            return "thread gear, adaptive concurrency"
+        return super().describe()
+
+    def notes(self) -> list[str]:
+        return [] if self._limit is None else [self._limit.describe().replace(" in flight", " threads at work")]
+
+    def window(self, chunk: int) -> int:
+        # While an adaptive limit is in its slow start, work must be queued for it to grow into.
+        limit = self._limit
+        if limit is not None and limit.slow_start:
+            return 4 * self.workers * chunk
+        return super().window(chunk)
+
     def open(self, spec: RunSpec) -> None:
         with self._lock:
+            if self.adaptive:
+                self._limit = AdaptiveLimit(cap=min(MAX_THREADS, open_files_cap()))
+                self.workers = self._limit.limit
+                self._gate = _Gate(self.workers)
             self._run = _Run(spec)
             self._open = True
+
+    def _adapt(self, latency: float, refused: bool, seen: int, run: _Run) -> None:
+        """Feed the adaptive limit (from any thread); a new limit resizes the gate and the window."""
+        limit, gate = self._limit, self._gate
+        if limit is None or gate is None:
+            return
+        with self._adapt_lock:
+            changed = limit.completed(latency, refused, gate.active + run.work.qsize(), seen)
+            if changed:
+                self.workers = limit.limit  # read by the engine for its window and by _spawn
+                gate.resize(limit.limit)
 
     def submit(self, batch: Batch) -> None:
         run = self._run
@@ -128,25 +201,47 @@ class ThreadGear(Gear):
         timed = spec.timeout is not None
         ident = threading.get_ident()
         work, done, token = run.work, run.done, run.token
+        gate = self._gate if self.adaptive else None
         try:
             while True:
-                batch = work.get()
-                if batch is None:
-                    return
-                if token.cancelled:
+                if gate is not None and not gate.enter(token):
+                    # Cancelled while over the limit: drain without running, until told to stop.
+                    if work.get() is None:
+                        return
                     continue
-                if timed:
-                    self._run_timed(run, batch, ident)
-                    run.idle.release()
-                else:
-                    results = run_batch(batch, token)
-                    # Idle before its results are seen: a caller who waits for them and submits
-                    # again finds this thread free (ThreadPoolExecutor reuses it: CPython's
-                    # test_idle_thread_reuse), rather than racing it and starting another.
-                    run.idle.release()
-                    done.put(results)
-                    del results
-                batch = None  # let the finished batch's items go before waiting for the next
+                inside = gate is not None
+                try:
+                    batch = work.get()
+                    if batch is None:
+                        return
+                    if token.cancelled:
+                        continue
+                    if timed:
+                        if not self._run_timed(run, batch, ident, gate):
+                            inside = False  # a timed-out call's place at the gate was given back
+                        run.idle.release()
+                    elif gate is not None:
+                        seen = gate.active
+                        start = time.perf_counter()
+                        results = run_batch(batch, token)
+                        latency = (time.perf_counter() - start) / max(1, len(batch))
+                        refused = any(type(r) is Outcome and not r.ok and is_refusal(r.value) for r in results)
+                        self._adapt(latency, refused, seen, run)
+                        run.idle.release()
+                        done.put(results)
+                        del results
+                    else:
+                        results = run_batch(batch, token)
+                        # Idle before its results are seen: a caller who waits for them and submits
+                        # again finds this thread free (ThreadPoolExecutor reuses it: CPython's
+                        # test_idle_thread_reuse), rather than racing it and starting another.
+                        run.idle.release()
+                        done.put(results)
+                        del results
+                    batch = None  # let the finished batch's items go before waiting for the next
+                finally:
+                    if gate is not None and inside:
+                        gate.leave()
         except BaseException as exc:
             # SystemExit (or KeyboardInterrupt) raised by a task: it means "stop", so it is
             # raised in the caller, as if the task had run there, rather than lost with the thread.
@@ -157,13 +252,15 @@ class ThreadGear(Gear):
         finally:
             close_runner()
 
-    def _run_timed(self, run: _Run, batch: Batch, ident: int) -> None:
+    def _run_timed(self, run: _Run, batch: Batch, ident: int, gate: _Gate | None) -> bool:
+        """Run the batch's tasks one by one under their deadlines; False when one timed out."""
         assert run.spec.timeout is not None
         for pos, task in enumerate(batch.tasks):
             token = CancelToken(run.token)
             running = _Running(batch, pos, time.monotonic() + run.spec.timeout, token)
             with self._lock:
                 run.running[ident] = running
+            seen = 0 if gate is None else gate.active
             outcome = run_task(batch.fn, task, token)
             with self._lock:
                 # Not registered any more when close() gave up on this thread.
@@ -171,8 +268,12 @@ class ThreadGear(Gear):
                 if running.timed_out:  # already reported; the rest of the batch was re-queued
                     if registered:
                         run.stuck -= 1
-                    return
+                    return False
+            if gate is not None:
+                refused = type(outcome) is Outcome and not outcome.ok and is_refusal(outcome.value)
+                self._adapt(outcome.elapsed, refused, seen, run)
             run.done.put([outcome])
+        return True
 
     def _expire(self) -> tuple[list[Result], float | None]:
         """Report overdue tasks; return outcomes and the time to the next deadline."""
@@ -187,6 +288,8 @@ class ThreadGear(Gear):
                 if running.deadline <= now:
                     running.timed_out = True
                     running.token.cancel()
+                    if self._gate is not None:
+                        self._gate.leave()  # the stuck call no longer counts against the limit
                     task = running.batch.tasks[running.pos]
                     outcomes.append(timeout_outcome(task, run.spec.timeout))
                     run.stuck += 1
@@ -197,6 +300,8 @@ class ThreadGear(Gear):
                     left = running.deadline - now
                     nearest = left if nearest is None else min(nearest, left)
         if outcomes:
+            for _ in outcomes:
+                self._adapt(run.spec.timeout or 0.0, True, 0, run)  # a timeout: fewer at once
             self._spawn()  # keep `workers` threads usable while the stuck ones finish
         return outcomes, nearest
 
