@@ -4,7 +4,8 @@
 
 The server (aiohttp, in a process of its own on 127.0.0.1) answers small bodies (~200 B) and
 1 MiB ones. Contenders, interleaved (the order rotates each repeat), medians:
-gs.fetch (concurrency found by measurement), gs.fetch(concurrency=100), a raw aiohttp loop
+gs.fetch (concurrency found by measurement; uvloop when installed, and again on asyncio's own
+loop), gs.fetch(concurrency=100), a raw aiohttp loop
 behind a semaphore of 100 that also writes each body to a file (and the same hashing each
 body, as gs.fetch does for its manifest), httpx.AsyncClient (when
 installed) and requests in a ThreadPoolExecutor(32) (when installed), the last two writing
@@ -110,9 +111,9 @@ def requests_threads(urls: list[str], out: Path) -> None:
         list(ex.map(one, enumerate(urls)))
 
 
-def gs_fetch(concurrency: int | None) -> Callable[[list[str], Path], None]:
+def gs_fetch(concurrency: int | None, loop: str = "auto") -> Callable[[list[str], Path], None]:
     def run(urls: list[str], out: Path) -> None:
-        report = gs.fetch(urls, out, concurrency=concurrency)
+        report = gs.fetch(urls, out, concurrency=concurrency, loop=loop)
         assert report.ok == len(urls), str(report)
 
     return run
@@ -137,6 +138,8 @@ def main() -> None:
             "gs.fetch (adaptive)": gs_fetch(None),
             "gs.fetch(concurrency=100)": gs_fetch(100),
         }
+        if have("uvloop"):
+            contenders["gs.fetch, loop=asyncio"] = gs_fetch(None, loop="asyncio")
         if have("httpx"):
             contenders["httpx.AsyncClient (100)"] = httpx_client
         if have("requests"):

@@ -335,9 +335,11 @@ def demo(only: str | None, scale: float) -> None:
 @click.option("--resume", is_flag=True, help="Go on with DIR/manifest.jsonl: skip URLs already fetched.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="A progress bar on stderr (only on a terminal).")
+@click.option("--loop", type=click.Choice(["auto", "uvloop", "asyncio"]), default="auto", show_default=True,
+              help="The event loop: auto is uvloop when installed.")
 @debug_option
 def fetch(urls_file: str, out: str, concurrency: str, rate: str | None, per_host_rate: str | None, retries: int,
-          timeout: float, resume: bool, progress: bool) -> None:
+          timeout: float, resume: bool, progress: bool, loop: str) -> None:
     """Fetch every URL of URLS_FILE (one per line; '-' reads stdin) into files in DIR, politely.
 
     Each URL's record (url, status, bytes, file, sha256, elapsed, attempts, error) is appended
@@ -379,7 +381,7 @@ def fetch(urls_file: str, out: str, concurrency: str, rate: str | None, per_host
         with click.open_file(urls_file, encoding="utf-8", errors="surrogateescape") as lines:
             report = fetch_urls(lines, out, concurrency=workers, rate=rate, per_host_rate=per_host_rate,
                                 retries=retries, timeout=timeout, resume=resume,
-                                progress=progress and sys.stderr.isatty())
+                                progress=progress and sys.stderr.isatty(), loop=loop)
     except FetchRefused as exc:
         _fail(str(exc))
     except KeyboardInterrupt:

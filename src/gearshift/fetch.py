@@ -231,14 +231,18 @@ def _read_manifest(path: Path, resume: bool) -> _Previous:
 class _Fetcher:
     """The async callable the engine runs per URL: GET, stream to a file, return the record."""
 
-    def __init__(self, session: Any, out: Path, ours: set[str], timeout: float, claims: Any) -> None:
+    def __init__(self, session: Any, out: Path, previous: set[str], timeout: float, claims: Any) -> None:
         import aiohttp
 
         self.claims = claims
         self._aiohttp = aiohttp
         self.session = session
         self.out = out
-        self.ours = ours  # files the manifest lists or this run wrote: ours to (over)write
+        self._out = str(out)
+        # Files an earlier run's manifest or claims list. This run's own are in the claims file,
+        # read back only when a name exists already (a URL given twice): memory stays flat
+        # however many URLs a run fetches.
+        self.previous = previous
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self.timeout_seconds = timeout
         self.attempts: dict[int, int] = {}
@@ -258,8 +262,10 @@ class _Fetcher:
         if job.error is not None:
             raise _Final(job.error)
         name = file_name(job.url)
-        final = self.out / name
-        if name not in self.ours and final.exists():
+        # Plain strings, not Path objects: 3.11's pathlib interns every part, and the interned
+        # table would grow with every file name (memory flat in the number of URLs).
+        final = os.path.join(self._out, name)
+        if os.path.exists(final) and name not in self.previous and not self._claimed(name):
             raise _Final(f"refused: {final} exists and is not in the manifest (gearshift never writes over a "
                          "file it did not write)")
         start = time.perf_counter()
@@ -272,10 +278,8 @@ class _Fetcher:
                     if status == 429 or status >= 500:
                         raise _Retryable(f"HTTP {status}", status, _retry_after(resp.headers.get("Retry-After")))
                     raise _Final(f"HTTP {status} (not retried: a client error)", status)
-                if name not in self.ours:
-                    self.ours.add(name)
-                    self.claims.write(name + "\n")
-                    self.claims.flush()  # before the file exists (a kill loses no flushed write)
+                self.claims.write(name + "\n")
+                self.claims.flush()  # before the file exists (a kill loses no flushed write)
                 size, digest = await self._save(resp, final)
         except (_Retryable, _Final):
             raise
@@ -288,11 +292,22 @@ class _Fetcher:
                 raise _Final(f"cannot write {final}: {exc}") from exc
             raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
         return {"line": job.line, "url": job.url, "status": status, "bytes": size, "file": name, "sha256": digest,
-                "elapsed": round(time.perf_counter() - start, 6), "attempts": self.attempts.pop(job.line, 1),
+                "elapsed": round(time.perf_counter() - start, 6), "attempts": self._attempts_of(job.line),
                 "error": None}
 
-    async def _save(self, resp: Any, final: Path) -> tuple[int, str]:
-        part = final.with_name(f".{final.name}.part")
+    def _attempts_of(self, line: int) -> int:
+        self.spent.pop(line, None)  # (what earlier failed attempts of a success took is not kept)
+        return self.attempts.pop(line, 1)
+
+    def _claimed(self, name: str) -> bool:
+        """Whether this run claimed ``name`` (rare: only asked when the file exists already)."""
+        self.claims.flush()
+        with open(self.claims.name, encoding="utf-8", errors="replace") as f:
+            return any(line.rstrip("\n") == name for line in f)
+
+    async def _save(self, resp: Any, final: str) -> tuple[int, str]:
+        head, name = os.path.split(final)
+        part = os.path.join(head, f".{name}.part")
         digest = hashlib.sha256()
         block = bytearray()
         stream = resp.content
@@ -324,7 +339,7 @@ class _Fetcher:
         except BaseException:
             f.close()
             with contextlib.suppress(OSError):
-                part.unlink()
+                os.unlink(part)
             raise
         return size, digest.hexdigest()
 
@@ -334,19 +349,19 @@ def _hash_and_write(f: Any, digest: Any, data: bytes) -> None:
     f.write(data)
 
 
-def _close_and_rename(f: Any, part: Path, final: Path) -> None:
+def _close_and_rename(f: Any, part: str, final: str) -> None:
     f.close()
     os.replace(part, final)
 
 
-def _write_whole(part: Path, final: Path, data: bytes | bytearray) -> None:
+def _write_whole(part: str, final: str, data: bytes | bytearray) -> None:
     try:
         with open(part, "wb") as f:
             f.write(data)
         os.replace(part, final)
     except BaseException:
         with contextlib.suppress(OSError):
-            part.unlink()
+            os.unlink(part)
         raise
 
 
@@ -469,6 +484,7 @@ def fetch(
     timeout: float = 30.0,
     resume: bool = False,
     progress: bool = False,
+    loop: str = "auto",
 ) -> FetchReport:
     """Fetch every URL of ``urls`` (one per item; blank and ``#`` lines skipped) into files in ``out``.
 
@@ -480,11 +496,12 @@ def fetch(
                    jitter, never before ``Retry-After``); never on other 4xx.
     timeout:       seconds per attempt.
     resume:        go on with ``out/manifest.jsonl``: URLs with a success record are skipped.
+    loop:          the event loop: "auto" (uvloop when installed), "uvloop" or "asyncio".
 
     Each URL's record (url, status, bytes, file, sha256, elapsed, attempts, error) is appended to
     ``out/manifest.jsonl`` as it finishes. Returns a ``FetchReport``. Refuses (``FetchRefused``)
     a manifest gearshift did not write, or an existing one without ``resume``.
     """
-    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+    with asyncio.Runner(loop_factory=loop_factory(loop)) as runner:
         return runner.run(afetch(urls, out, concurrency=concurrency, rate=rate, per_host_rate=per_host_rate,
                                  retries=retries, timeout=timeout, resume=resume, progress=progress))
