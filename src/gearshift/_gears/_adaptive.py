@@ -33,6 +33,10 @@ START = 16
 #: Completions per round at most (a round is the limit's worth, up to this): decisions come quickly.
 ROUND = 64
 MAX_LIMIT = 10_000
+#: The async gear's slack (network calls): 10 ms x 0.3 = 3 ms on top of the unloaded latency
+#: still "holds", however fast the service answers. The thread gear keeps none: there more
+#: threads on CPU work behind the GIL raise sub-millisecond latencies, and that must count.
+NETWORK_SLACK = 0.010
 #: Statuses that mean "too many at once" (Too Many Requests, Service Unavailable).
 REFUSAL_STATUS = frozenset({429, 503})
 
@@ -63,7 +67,9 @@ def is_refusal(exc: BaseException) -> bool:
 class AdaptiveLimit:
     """The limit and its history; fed each call's latency and whether it was refused."""
 
-    def __init__(self, start: int = START, cap: int | None = None, floor: int = 1) -> None:
+    def __init__(self, start: int = START, cap: int | None = None, floor: int = 1, slack: float = 0.0) -> None:
+        """``slack``: seconds per unit of the latency factors that never count as queueing (see ``_within``)."""
+        self.slack = slack
         self.cap = cap if cap is not None else open_files_cap()
         self.floor = max(1, floor)
         self.limit = max(self.floor, min(start, self.cap))
@@ -120,7 +126,7 @@ class AdaptiveLimit:
                 self._fastest = latency
             # Before a round has ended, the fastest call so far stands for the unloaded latency.
             base = self.min_latency if self.min_latency is not None else self._fastest
-            if (self.slow_start and latency <= 1.5 * base
+            if (self.slow_start and latency <= self._within(base, 1.5)
                     and self._peak_busy >= 0.9 * self.limit and self.limit < self.cap):
                 self.limit = min(self.cap, self.limit + 3)  # (the reason is written at the round's end)
                 self.peak_limit = max(self.peak_limit, self.limit)
@@ -150,11 +156,11 @@ class AdaptiveLimit:
         old = self.limit
         if first or refusals or now < self._hold_until:
             return  # (after a cut: calls started before it still report the old crowd)
-        if mean > 1.7 * base:
+        if mean > self._within(base, 1.7):
             # Queueing. What the round's calls saw in flight, scaled to where latency would be 1.3x
             # unloaded (Little's law: throughput is in-flight over latency), never above the limit.
             self.slow_start = False
-            target = min(old, int(seen * 1.3 * base / mean))
+            target = min(old, int(seen * self._within(base, 1.3) / mean))
             why = (f"latency climbed to {_ms(mean)} from {_ms(base)} unloaded at {seen:.0f} in flight: "
                    "the service queues")
             self._set(target, why)
@@ -163,7 +169,7 @@ class AdaptiveLimit:
             self.why = f"latency held at {_ms(mean)} ({_ms(base)} unloaded) up to {old} in flight"
             if old == self.cap:
                 self.why += f"; capped at {self.cap}"
-        elif saturated and mean <= 1.3 * base:
+        elif saturated and mean <= self._within(base, 1.3):
             # About sqrt(limit) a round trip: a round is min(limit, ROUND) completions.
             self._credit += math.sqrt(old) * min(old, ROUND) / old
             if self.ceiling is not None and old + self._credit > 0.9 * self.ceiling:
@@ -171,6 +177,13 @@ class AdaptiveLimit:
             step, self._credit = int(self._credit), self._credit - int(self._credit)
             if step:
                 self._set(old + step, f"latency held at {_ms(mean)} ({_ms(base)} unloaded)")
+
+    def _within(self, base: float, factor: float) -> float:
+        """The latency that still counts as ``factor`` times ``base``: never less than ``base`` plus
+        ``slack`` times (factor - 1). Below a few milliseconds, latency moves with the caller's own
+        load (a local service on the same cores), not with the service's queue: cuts by ratios alone
+        drove the async gear's limit to one or two in flight there, at half the throughput."""
+        return max(factor * base, base + (factor - 1) * self.slack)
 
     def _set(self, limit: int, why: str) -> None:
         limit = max(self.floor, min(self.cap, limit))

@@ -32,7 +32,7 @@ from typing import Any
 
 from gearshift._calls import is_async_callable
 from gearshift._cancel import CancelToken, bind_token
-from gearshift._gears._adaptive import AdaptiveLimit, is_refusal
+from gearshift._gears._adaptive import NETWORK_SLACK, AdaptiveLimit, is_refusal
 from gearshift._gears._base import CANCEL_GRACE, Gear, GearCosts, run_initializer, timeout_outcome, warn_stuck
 from gearshift._gears._blocking import DaemonThreadPool
 from gearshift._task import Batch, Outcome, Result, RunSpec, Task, format_tb
@@ -231,7 +231,7 @@ class AsyncGear(Gear):
         self._token = CancelToken()
         threads = self.workers
         if self.adaptive:
-            self._limit = AdaptiveLimit()
+            self._limit = AdaptiveLimit(slack=NETWORK_SLACK)
             self.workers = self._limit.limit
             threads = self._limit.cap
         self._pool = DaemonThreadPool(max_workers=min(threads, 256), thread_name_prefix="gearshift-async")
