@@ -111,9 +111,9 @@ def requests_threads(urls: list[str], out: Path) -> None:
         list(ex.map(one, enumerate(urls)))
 
 
-def gs_fetch(concurrency: int | None, loop: str = "auto") -> Callable[[list[str], Path], None]:
+def gs_fetch(concurrency: int | None, loop: str = "auto", checksum: bool = True) -> Callable[[list[str], Path], None]:
     def run(urls: list[str], out: Path) -> None:
-        report = gs.fetch(urls, out, concurrency=concurrency, loop=loop)
+        report = gs.fetch(urls, out, concurrency=concurrency, loop=loop, checksum=checksum)
         assert report.ok == len(urls), str(report)
 
     return run
@@ -137,6 +137,7 @@ def main() -> None:
             "raw aiohttp, + sha256 of bodies": lambda urls, out: raw_aiohttp(urls, out, checksum=True),
             "gs.fetch (adaptive)": gs_fetch(None),
             "gs.fetch(concurrency=100)": gs_fetch(100),
+            "gs.fetch(checksum=False)": gs_fetch(None, checksum=False),
         }
         if have("uvloop"):
             contenders["gs.fetch, loop=asyncio"] = gs_fetch(None, loop="asyncio")

@@ -231,7 +231,9 @@ def _read_manifest(path: Path, resume: bool) -> _Previous:
 class _Fetcher:
     """The async callable the engine runs per URL: GET, stream to a file, return the record."""
 
-    def __init__(self, session: Any, out: Path, previous: set[str], timeout: float, claims: Any) -> None:
+    def __init__(self, session: Any, out: Path, previous: set[str], timeout: float, claims: Any,
+                 checksum: bool = True) -> None:
+        self.checksum = checksum
         import aiohttp
 
         self.claims = claims
@@ -305,10 +307,10 @@ class _Fetcher:
         with open(self.claims.name, encoding="utf-8", errors="replace") as f:
             return any(line.rstrip("\n") == name for line in f)
 
-    async def _save(self, resp: Any, final: str) -> tuple[int, str]:
+    async def _save(self, resp: Any, final: str) -> tuple[int, str | None]:
         head, name = os.path.split(final)
         part = os.path.join(head, f".{name}.part")
-        digest = hashlib.sha256()
+        digest = hashlib.sha256() if self.checksum else _NoDigest()
         block = bytearray()
         stream = resp.content
         while len(block) <= SMALL_BODY:
@@ -342,6 +344,16 @@ class _Fetcher:
                 os.unlink(part)
             raise
         return size, digest.hexdigest()
+
+
+class _NoDigest:
+    """``checksum=False``: no hashing (the record's sha256 is null)."""
+
+    def update(self, data: bytes | bytearray) -> None:
+        pass
+
+    def hexdigest(self) -> None:
+        return None
 
 
 def _hash_and_write(f: Any, digest: Any, data: bytes) -> None:
@@ -412,6 +424,7 @@ async def afetch(
     timeout: float = 30.0,
     resume: bool = False,
     progress: bool = False,
+    checksum: bool = True,
 ) -> FetchReport:
     """``gs.fetch`` for async code: the requests run on the caller's loop."""
     try:
@@ -445,7 +458,7 @@ async def afetch(
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         async with aiohttp.ClientSession(connector=connector) as session:
             claims = stack.enter_context(open(directory / CLAIMS, "a", encoding="utf-8"))  # noqa: SIM115
-            fetcher = _Fetcher(session, directory, set(previous.files), float(timeout), claims)
+            fetcher = _Fetcher(session, directory, set(previous.files), float(timeout), claims, checksum)
             policy = _HTTPRetry(attempts=retries + 1, backoff=0.2, max_backoff=30.0, on=(_Retryable,))
             results: AsyncGenerator[Any, None] = amap(  # type: ignore[assignment]
                 fetcher, _jobs(urls, previous.done, report), gear=gear, ordered=False, errors="collect",
@@ -485,6 +498,7 @@ def fetch(
     resume: bool = False,
     progress: bool = False,
     loop: str = "auto",
+    checksum: bool = True,
 ) -> FetchReport:
     """Fetch every URL of ``urls`` (one per item; blank and ``#`` lines skipped) into files in ``out``.
 
@@ -497,6 +511,8 @@ def fetch(
     timeout:       seconds per attempt.
     resume:        go on with ``out/manifest.jsonl``: URLs with a success record are skipped.
     loop:          the event loop: "auto" (uvloop when installed), "uvloop" or "asyncio".
+    checksum:      each body's SHA-256 in its record; False saves its cost (about 0.5 ms a MiB
+                   of CPU) and records null.
 
     Each URL's record (url, status, bytes, file, sha256, elapsed, attempts, error) is appended to
     ``out/manifest.jsonl`` as it finishes. Returns a ``FetchReport``. Refuses (``FetchRefused``)
@@ -504,4 +520,5 @@ def fetch(
     """
     with asyncio.Runner(loop_factory=loop_factory(loop)) as runner:
         return runner.run(afetch(urls, out, concurrency=concurrency, rate=rate, per_host_rate=per_host_rate,
-                                 retries=retries, timeout=timeout, resume=resume, progress=progress))
+                                 retries=retries, timeout=timeout, resume=resume, progress=progress,
+                                 checksum=checksum))
