@@ -20,6 +20,9 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures as _cf
+import contextlib
+import functools
+import logging
 import os
 import queue
 import threading
@@ -29,13 +32,16 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor as _StdExecutor
 from concurrent.futures import Future
-from types import MethodType, TracebackType
+from types import BuiltinFunctionType, FunctionType, MethodType, TracebackType
 from typing import Any
 
-from gearshift._calls import is_async_callable
+from gearshift._advisor.probes import ThreadClock, fn_pickle_error, gil_pings, machine_facts
+from gearshift._advisor.route import JUDGE_AFTER, Route, Sample, route_for
+from gearshift._calls import fn_name, is_async_callable
 from gearshift._engine import Scheduler, drive
 from gearshift._feed import Feed, Stream
 from gearshift._gears import Gear, make_gear
+from gearshift._gears._base import cpu_count
 from gearshift._rate import parse_rate
 from gearshift._retry import Retry, as_retry
 from gearshift._task import RunSpec
@@ -43,6 +49,7 @@ from gearshift.errors import Failure, GearshiftError, WorkerCrashed, short_repr
 
 __all__ = ["BrokenExecutor", "Executor"]
 
+log = logging.getLogger("gearshift")
 _STOP = object()
 #: Most threads running done-callbacks at once (more start only while all are inside callbacks).
 MAX_CALLBACK_THREADS = 32
@@ -734,7 +741,17 @@ class Executor(_StdExecutor):
     in is claimed for the executor's life. Done-callbacks run on the executor's callback
     thread ("gearshift-executor-callbacks"), never on its driver. An executor dropped without
     ``shutdown`` is shut down (without waiting) when collected.
+
+    ``gear="auto"`` routes each function to a gear of its own, measured on its first call
+    and remembered for the scope: coroutine functions to an event loop, blocking calls to
+    threads, CPU work holding the GIL to processes (``Executor.routes`` says where and why).
     """
+
+    def __new__(cls, gear: str | Gear = "process", *args: Any, **kwargs: Any) -> Executor:
+        # gear="auto" routes each function to a gear of its own: an executor of executors.
+        if cls is Executor and isinstance(gear, str) and gear == "auto":
+            return super().__new__(_AutoExecutor)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -761,12 +778,6 @@ class Executor(_StdExecutor):
             raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
-        if gear == "auto":
-            raise ValueError(
-                "gs.Executor needs a fixed gear: its workers serve calls of any function for the whole scope, "
-                "so there is no one workload to measure; choose one with gs.advise(fn, sample).gear, "
-                "or use gs.map(fn, items) (gear='auto' by default)"
-            )
         retry = as_retry(retries)
         if rate is not None:
             parse_rate(rate)  # a bad rate is refused here, not on the driver thread
@@ -852,3 +863,347 @@ class Executor(_StdExecutor):
 
     def __repr__(self) -> str:
         return f"<gearshift.Executor {self.gear.describe()}{' shut down' if self._core.shutdown else ''}>"
+
+
+# -- gear="auto": each function to its own gear ------------------------------------------------
+
+
+def _route_key(fn: Callable[..., Any]) -> Any:
+    """What a route is remembered by: the function itself (a method's function, a partial's
+    function, a callable object's class), so one decision serves every call of it."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    func = getattr(fn, "__func__", None)
+    if func is not None:
+        return func
+    if isinstance(fn, (FunctionType, BuiltinFunctionType)):
+        return fn
+    return type(fn)
+
+
+class _Judging:
+    """A function's first call, watched on a thread while its route is decided; calls of it that
+    come meanwhile wait here for the verdict (at most ``JUDGE_AFTER`` seconds)."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.started = threading.Event()
+        self.ended = threading.Event()
+        self.decided = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.t0 = 0.0
+        self.cpu0 = 0.0
+        self.wall = 0.0
+        self.cpu = 0.0
+        self.held: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], Future[Any]]] = []
+        self.route: Route | None = None
+        #: The first call's future in the thread gear, and the caller's (completed after the verdict).
+        self.first: tuple[Future[Any], Future[Any]] | None = None
+
+    def run(self, call: Call) -> Any:
+        """The first call, on a thread of the thread gear: timed, wall clock and this thread's CPU."""
+        self.thread = threading.current_thread()
+        self.t0, self.cpu0 = time.perf_counter(), time.thread_time()
+        self.started.set()
+        try:
+            return self.fn(*call.args, **call.kwargs)
+        finally:
+            self.wall, self.cpu = time.perf_counter() - self.t0, time.thread_time() - self.cpu0
+            self.ended.set()
+
+
+def _star(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    return fn(*args)
+
+
+def _chain(source: Future[Any], target: Future[Any]) -> None:
+    """Complete ``target`` as ``source`` completes (a held call's future, routed late)."""
+
+    def done(f: Future[Any]) -> None:
+        if target.done():
+            return
+        if f.cancelled():
+            target.cancel()
+            target.set_running_or_notify_cancel()
+            return
+        exc = f.exception()
+        with contextlib.suppress(_cf.InvalidStateError):
+            if exc is not None:
+                target.set_exception(exc)
+            else:
+                target.set_result(f.result())
+
+    source.add_done_callback(done)
+
+
+class _AutoExecutor(Executor):
+    """``gs.Executor(gear="auto")``: one executor per gear, made when first needed, and each
+    function routed to one of them by its first call (``_advisor.route``). Options (timeout,
+    retries, rate, initializer, ...) apply in every gear; ``workers`` too when given (else each
+    gear sizes itself: cores for processes, measured for threads and the loop)."""
+
+    def __init__(
+        self,
+        gear: str | Gear = "auto",
+        workers: int | None = None,
+        *,
+        max_workers: int | None = None,
+        concurrency: int | None = None,
+        timeout: float | None = None,
+        retries: int | Retry | None = 0,
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple[Any, ...] = (),
+        max_tasks_per_worker: int | None = None,
+        rate: str | float | None = None,
+    ) -> None:
+        count = _count(workers=workers, max_workers=max_workers, concurrency=concurrency)
+        if count is not None and count < 1:
+            raise ValueError(f"workers must be a positive int, got {count!r}")
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        as_retry(retries)
+        if rate is not None:
+            parse_rate(rate)
+        self._count = count
+        self._options: dict[str, Any] = {
+            "timeout": timeout, "retries": retries, "initializer": initializer, "initargs": tuple(initargs),
+            "max_tasks_per_worker": max_tasks_per_worker, "rate": rate,
+        }
+        self._lock = threading.Lock()
+        self._executors: dict[str, Executor] = {}
+        self._routes: weakref.WeakKeyDictionary[Any, Route] = weakref.WeakKeyDictionary()
+        self._strong_routes: dict[Any, Route] = {}  # keys that take no weak reference (builtins)
+        self._judging: dict[int, _Judging] = {}
+        self._watchers: list[threading.Thread] = []
+        self._closed = False
+        self._machine = machine_facts()
+        self._finalizer = weakref.finalize(self, functools.partial(_AutoExecutor._drop, self._executors))
+        self._finalizer.atexit = False
+
+    @staticmethod
+    def _drop(executors: dict[str, Executor]) -> None:
+        for ex in list(executors.values()):
+            ex.shutdown(wait=False, cancel_futures=True)
+
+    # -- the executors, one per gear ---------------------------------------------------------
+    def _executor(self, gear: str) -> Executor:
+        """The executor of ``gear`` (under ``_lock``), made on first use."""
+        ex = self._executors.get(gear)
+        if ex is None:
+            workers = self._count
+            if gear == "process" and workers is None:
+                workers = cpu_count()
+            ex = self._executors[gear] = Executor(gear, workers, **self._options)
+        return ex
+
+    @property
+    def gear(self) -> Gear:
+        """The thread gear (where calls are first watched); see ``routes`` for the others."""
+        with self._lock:
+            return self._executor("thread").gear
+
+    @property
+    def workers(self) -> int:
+        with self._lock:
+            return sum(ex.workers for ex in self._executors.values())
+
+    @property
+    def routes(self) -> dict[str, tuple[str, str]]:
+        """Each function routed so far: its name -> (gear, why)."""
+        with self._lock:
+            pairs = [*self._routes.items(), *self._strong_routes.items()]
+        return {fn_name(key) if callable(key) else repr(key): (r.gear, r.why) for key, r in pairs}
+
+    def _route_of(self, key: Any) -> Route | None:
+        try:
+            return self._routes.get(key)
+        except TypeError:
+            return self._strong_routes.get(key)
+
+    def _remember(self, key: Any, route: Route) -> None:
+        try:
+            self._routes[key] = route
+        except TypeError:
+            self._strong_routes[key] = route
+
+    # -- calls ------------------------------------------------------------------------------
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        key = _route_key(fn)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            route = self._route_of(key)
+            if route is None and is_async_callable(fn):
+                route = Route("async", "a coroutine function: the event loop")
+                self._remember(key, route)
+            if route is not None:
+                return self._executor(route.gear).submit(fn, *args, **kwargs)
+            judging = self._judging.get(id(key))
+            if judging is not None:
+                held: Future[Any] = Future()
+                judging.held.append((fn, args, kwargs, held))
+                return held
+            judging = self._judging[id(key)] = _Judging(fn)
+            inner = self._executor("thread").submit(judging.run, Call(args, kwargs, None))
+            # The caller's future completes once the call has and its route is known (so
+            # ``routes`` names it as soon as the first result is in).
+            future: Future[Any] = Future()
+            future.add_done_callback(lambda f: inner.cancel() if f.cancelled() else None)
+            judging.first = (inner, future)
+            watcher = threading.Thread(target=self._judge, args=(key, judging), name="gearshift-route", daemon=True)
+            self._watchers.append(watcher)
+        watcher.start()
+        return future
+
+    def _judge(self, key: Any, judging: _Judging) -> None:
+        """Watch a first call (``JUDGE_AFTER`` at most), decide its function's route, release held calls."""
+        try:
+            route = self._decide(judging)
+        except BaseException as exc:  # never leave held calls waiting
+            route = Route("thread", f"could not be measured ({type(exc).__name__}: {exc}): threads")
+        with self._lock:
+            self._remember(key, route)
+            self._judging.pop(id(key), None)
+            judging.route = route
+            held, judging.held = judging.held, []
+            if self._closed:
+                for *_, future in held:
+                    future.cancel()
+                    future.set_running_or_notify_cancel()
+                if judging.first is not None:
+                    _chain(*judging.first)
+                judging.decided.set()
+                return
+            targets = [(self._executor(route.gear), fn, args, kwargs, future) for fn, args, kwargs, future in held]
+        log.info("gearshift: %s -> %s gear: %s", fn_name(judging.fn), route.gear, route.why)
+        if judging.first is not None:
+            _chain(*judging.first)
+        for ex, fn, args, kwargs, future in targets:
+            if not future.set_running_or_notify_cancel():
+                continue  # cancelled while it waited for the verdict
+            try:
+                _chain(ex.submit(fn, *args, **kwargs), future)
+            except BaseException as exc:
+                future.set_exception(exc)
+        judging.decided.set()
+
+    def _decide(self, judging: _Judging) -> Route:
+        # The call may wait in the thread gear's queue first: judge it from when it starts.
+        while not judging.started.wait(0.05):
+            if self._closed:
+                return Route("thread", "never started (the executor shut down)")
+        thread = judging.thread
+        assert thread is not None
+        clock = ThreadClock(thread)
+        runq0 = clock.runq()
+        held: float | None = None
+        if self._machine.gil_enabled:
+            # Pings while it runs: does it hold the GIL? (only counted while it computes)
+            held = gil_pings(lambda: not judging.ended.is_set(), clock.cpu, pings=5, budget=JUDGE_AFTER,
+                             over=judging.ended.is_set)
+        ended = judging.ended.wait(max(0.0, JUDGE_AFTER - (time.perf_counter() - judging.t0)))
+        if ended:
+            wall, cpu = judging.wall, judging.cpu
+        else:
+            wall, cpu = time.perf_counter() - judging.t0, clock.cpu() - judging.cpu0
+        runq = clock.runq() - runq0
+        pickle_error = fn_pickle_error(judging.fn) if cpu > 0.5 * wall else ""
+        sample = Sample(wall, cpu, runq, held, ended)
+        return route_for(sample, cores=self._machine.cores, gil_enabled=self._machine.gil_enabled,
+                         pickle_error=pickle_error)
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+        buffersize: int | None = None,
+    ) -> Iterator[Any]:
+        """``Executor.map`` in the function's gear: its first call decides it when not known yet."""
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        key = _route_key(fn)
+        with self._lock:
+            route = self._route_of(key)
+            if route is None and is_async_callable(fn):
+                route = Route("async", "a coroutine function: the event loop")
+                self._remember(key, route)
+        if route is not None:
+            with self._lock:
+                ex = self._executor(route.gear)
+            return ex.map(fn, *iterables, timeout=timeout, chunksize=chunksize, buffersize=buffersize)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        args = zip(*iterables, strict=False)
+        first = next(args, None)
+        if first is None:
+            return iter(())
+        future = self.submit(fn, *first)
+        route = self._verdict(key)
+        with self._lock:
+            ex = self._executor(route.gear)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        rest = ex.map(functools.partial(_star, fn), args, timeout=left, chunksize=chunksize, buffersize=buffersize)
+
+        def results() -> Iterator[Any]:
+            try:
+                yield future.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                yield from rest
+            finally:
+                future.cancel()
+                close = getattr(rest, "close", None)
+                if close is not None:
+                    close()
+
+        return results()
+
+    def _verdict(self, key: Any) -> Route:
+        """The route of ``key``, waiting for its first call's judging if it is under way."""
+        with self._lock:
+            route = self._route_of(key)
+            judging = self._judging.get(id(key))
+        if route is None and judging is not None:
+            judging.decided.wait()
+            route = judging.route
+        if route is None:
+            with self._lock:
+                route = self._route_of(key)
+        return route if route is not None else Route("thread", "not measured: threads")
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._closed = True
+            watchers = list(self._watchers)
+        for watcher in watchers:
+            watcher.join()
+        with self._lock:
+            executors = list(self._executors.values())
+        for ex in executors:
+            ex.shutdown(wait, cancel_futures=cancel_futures)
+
+    def terminate(self) -> None:
+        with self._lock:
+            self._closed = True
+            executors = list(self._executors.values())
+        for ex in executors:
+            ex.terminate()
+        for watcher in list(self._watchers):
+            watcher.join()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        if exc_type is not None and not issubclass(exc_type, Exception):
+            self.terminate()
+            return None
+        self.shutdown(wait=True)
+        return None
+
+    def __repr__(self) -> str:
+        with self._lock:
+            gears = ", ".join(sorted(self._executors)) or "none yet"
+        return f"<gearshift.Executor auto (gears in use: {gears}){' shut down' if self._closed else ''}>"

@@ -250,7 +250,8 @@ class ProbeThread(threading.Thread):
             close_runner()
 
 def gil_pings(
-    busy: Callable[[], bool], cpu: Callable[[], float], pings: int = 8, budget: float = 0.25
+    busy: Callable[[], bool], cpu: Callable[[], float], pings: int = 8, budget: float = 0.25,
+    over: Callable[[], bool] | None = None,
 ) -> float | None:
     """Share of the time a thread running the function holds the GIL, seen from the caller.
 
@@ -265,7 +266,7 @@ def gil_pings(
     ran (``cpu()``, its CPU clock, moved for half the ping): on a busy machine a thread
     queued for a CPU holds nothing. (A compiled call that keeps the GIL for well under a
     millisecond looks released: its threads would gain little either way.)
-    None when fewer than three pings counted within ``budget`` seconds (a GIL hand-over can
+    ``over()`` true stops early. None when fewer than three pings counted within ``budget`` seconds (a GIL hand-over can
     take tens of ms on a busy or virtualised machine, so a ping may be that long).
     """
     # Python code holds the GIL a full switch interval before it must let go; released code
@@ -275,6 +276,8 @@ def gil_pings(
     held = counted = 0
     give_up = time.perf_counter() + budget
     while counted < pings and time.perf_counter() < give_up:
+        if over is not None and over():
+            break  # (the call being watched ended: no more to see)
         if not busy():
             time.sleep(0.001)  # not started yet: look again
             continue
