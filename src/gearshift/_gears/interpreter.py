@@ -23,16 +23,16 @@ import importlib
 import pickle
 import sys
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
 from gearshift._calls import fn_name
 from gearshift._cancel import CancelToken
-from gearshift._gears import _interp_call
+from gearshift._gears import _remote
 from gearshift._gears._base import GearCosts, cpu_count
+from gearshift._gears._unpack import unpack
 from gearshift._gears.thread import ThreadGear
-from gearshift._task import Batch, Done, Outcome, Result, RunSpec, Task
+from gearshift._task import Batch, Outcome, Result, RunSpec, Task
 from gearshift.errors import RemoteTraceback, UnpicklableError
 
 #: The first Python with ``concurrent.interpreters``.
@@ -108,9 +108,9 @@ class InterpreterGear(ThreadGear):
         interpreters: Any = importlib.import_module("concurrent.interpreters")
         interp = interpreters.create()
         self._local.interp = interp
-        interp.call(_interp_call.set_path, list(sys.path))
+        interp.call(_remote.set_path, list(sys.path))
         if spec.initializer is not None:
-            failed = interp.call(_interp_call.initialize, spec.initializer, tuple(spec.initargs))
+            failed = interp.call(_remote.initialize, spec.initializer, tuple(spec.initargs))
             if failed is not None:
                 exc, tb = pickle.loads(failed)
                 exc.__cause__ = RemoteTraceback(tb)
@@ -122,42 +122,20 @@ class InterpreterGear(ThreadGear):
             self._local.interp = None
             interp.close()
 
-    def _call(self, fn: Callable[[Any], Any], items: list[Any]) -> list[tuple[bool, Any, float, str]]:
+    def _payload(self, fn: Callable[[Any], Any], items: list[Any]) -> bytes:
         try:
-            got = self._local.interp.call(_interp_call.run_batch, fn, items)
-        except Exception as exc:  # an item that cannot be shared in: each item fails with the error
-            return [(False, exc, 0.0, "")] * len(items)
-        out: list[tuple[bool, Any, float, str]] = pickle.loads(got)
-        for ok, value, _, tb in out:
-            if not ok and tb and isinstance(value, BaseException):
-                value.__cause__ = RemoteTraceback(tb)
-        return out
+            payload: bytes = self._local.interp.call(_remote.run_batch, fn, items)
+        except Exception as exc:  # an item that cannot be shared in: the batch's items fail with the error
+            payload = pickle.dumps([(False, exc, 0.0, "")] * len(items), protocol=5)
+        return payload
 
     def _run_batch(self, batch: Batch, token: CancelToken) -> list[Result]:
-        out = self._call(batch.fn, batch.items)
-        results: list[Result] = []
-        run: list[Any] = []
-        first = 0
-        elapsed = 0.0
-        for pos, (ok, value, seconds, tb) in enumerate(out):
-            if ok:
-                if not run:
-                    first, elapsed = pos, 0.0
-                run.append(value)
-                elapsed += seconds
-                continue
-            if run:
-                results.append(Done(batch, first, run, elapsed))
-                run = []
-            results.append(Outcome(batch.task(pos), False, value, seconds, tb))
-        if run:
-            results.append(Done(batch, first, run, elapsed))
-        return results
+        return unpack(batch, self._payload(batch.fn, batch.items), None)[0]
 
     def _run_task(self, fn: Callable[[Any], Any], task: Task, token: CancelToken) -> Outcome:
-        start = time.perf_counter()
-        ok, value, seconds, tb = self._call(fn, [task.item])[0]
-        return Outcome(task, ok, value, seconds or time.perf_counter() - start, tb)
+        results, _ = unpack(Batch(fn, [task]), self._payload(fn, [task.item]), None)
+        outcome = results[0]
+        return outcome if isinstance(outcome, Outcome) else outcome.outcomes()[0]
 
     def describe(self) -> str:
         return f"interpreter gear, {self.workers} sub-interpreter{'s' if self.workers != 1 else ''}"
