@@ -16,6 +16,7 @@ from gearshift._cancel import CancelToken, cancel_token, cancelled
 from gearshift._engine import Report
 from gearshift._gears import (
     AsyncGear,
+    DaskGear,
     Gear,
     GearCosts,
     GearLoadError,
@@ -73,6 +74,7 @@ __all__ = [
     "PipelineIterator",
     "PipelineReport",
     "Pool",
+    "DaskGear",
     "InterpreterGear",
     "ProcessGear",
     "ProcessPoolExecutor",

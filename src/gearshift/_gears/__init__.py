@@ -22,6 +22,7 @@ from importlib.metadata import EntryPoint, entry_points
 
 from gearshift._gears._base import Gear, GearCosts, cpu_count
 from gearshift._gears.aio import AsyncGear
+from gearshift._gears.dask import DaskGear
 from gearshift._gears.interpreter import InterpreterGear
 from gearshift._gears.process import ProcessGear
 from gearshift._gears.serial import SerialGear
@@ -31,6 +32,7 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "GEARS",
     "AsyncGear",
+    "DaskGear",
     "Gear",
     "GearCosts",
     "GearLoadError",
@@ -166,7 +168,7 @@ def advisable_gears(load: bool = False) -> dict[str, GearCosts | None]:
 
 
 # -- the built-in plain gears ---------------------------------------------------------------------
-for _cls in (SerialGear, ThreadGear, ProcessGear, AsyncGear, InterpreterGear):
+for _cls in (SerialGear, ThreadGear, ProcessGear, AsyncGear, InterpreterGear, DaskGear):
     register_gear(_cls.name, _cls)
 
 #: The built-in plain gears by name, as before the table (existing callers); new code uses
