@@ -20,13 +20,24 @@ def _ours(proc: psutil.Process) -> bool:
     return "forkserver" not in cmd and "resource_tracker" not in cmd
 
 
+#: Processes a module-scoped fixture keeps for its tests (a LocalCluster's workers, a local Ray):
+#: not a test's leftovers. The fixture adds them (``keep_children``), and when it stops them it
+#: clears this set and checks ``leftover_children`` itself.
+KEPT: set[int] = set()
+
+
+def keep_children() -> None:
+    """Count every live child now as kept by the running module fixture (see ``KEPT``)."""
+    KEPT.update(p.pid for p in psutil.Process(os.getpid()).children(recursive=True))
+
+
 def leftover_children(wait: float = 3.0) -> list[psutil.Process]:
     """Our live child processes, after giving exiting ones ``wait`` seconds to go."""
     me = psutil.Process(os.getpid())
     deadline = time.monotonic() + wait
     while True:
         kids = [p for p in me.children(recursive=True) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        kids = [p for p in kids if _ours(p)]
+        kids = [p for p in kids if _ours(p) and p.pid not in KEPT]
         if not kids or time.monotonic() > deadline:
             return kids
         time.sleep(0.02)

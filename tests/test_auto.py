@@ -224,9 +224,11 @@ def test_one_item_run_reports_the_decision() -> None:
     assert (report.items, report.succeeded, report.failed) == (1, 1, 0)
 
 
-def test_executor_refuses_auto_clearly() -> None:
-    with pytest.raises(ValueError, match="fixed gear"):
-        gs.Executor(gear="auto")
+def test_executor_with_auto_routes_per_function() -> None:
+    # (once refused; tests/test_executor_auto.py covers the routing)
+    with gs.Executor(gear="auto") as ex:
+        assert ex.submit(pow, 2, 5).result() == 32
+        assert "auto" in repr(ex)
 
 
 def test_amap_with_auto() -> None:

@@ -16,9 +16,11 @@ from gearshift._cancel import CancelToken, cancel_token, cancelled
 from gearshift._engine import Report
 from gearshift._gears import (
     AsyncGear,
+    DaskGear,
     Gear,
     GearCosts,
     GearLoadError,
+    InterpreterGear,
     ProcessGear,
     SerialGear,
     ThreadGear,
@@ -72,6 +74,8 @@ __all__ = [
     "PipelineIterator",
     "PipelineReport",
     "Pool",
+    "DaskGear",
+    "InterpreterGear",
     "ProcessGear",
     "ProcessPoolExecutor",
     "RemoteError",

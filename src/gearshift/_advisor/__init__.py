@@ -11,6 +11,7 @@ from gearshift._advisor.advice import Advice
 from gearshift._advisor.model import Machine, Measurements, decide, predict
 from gearshift._advisor.probes import (
     fn_pickle_error,
+    fn_share_error,
     gear_round_trip,
     machine_facts,
     measure_scaling,
@@ -59,6 +60,7 @@ def advise(
         per_item=times.per_item, wait_fraction=times.wait_fraction, is_coroutine=coro, samples=times.calls
     )
     m.pickle_error = fn_pickle_error(fn)
+    m.share_error = fn_share_error(fn)
     if m.picklable:
         m.pickle_per_item, error = pickle_cost(times.item, times.result)
         if error:

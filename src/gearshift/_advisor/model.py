@@ -69,6 +69,8 @@ class Measurements:
     thread_scaling: float | None = None
     #: Why the function cannot go to a process ("" when it can).
     pickle_error: str = ""
+    #: Why the function cannot be sent by reference (plain pickle: a sub-interpreter), "" when it can.
+    share_error: str = ""
     #: Seconds to pickle and unpickle one item and its result (both ends).
     pickle_per_item: float = 0.0
     #: Measured per gear (by name): the caller's time per batch handed over (a round trip), and the
@@ -197,6 +199,10 @@ def predict_gear(
     why = ""
     if costs.pickles and not m.picklable:
         why = f"the function cannot be pickled ({m.pickle_error})"
+    elif costs.by_reference and m.share_error:
+        why = f"the function cannot be shared by reference (lambdas, closures: cpython#125865): {m.share_error}"
+    elif costs.on_request:
+        why = f"used only when asked for (gear={name!r} or its gear object): never chosen on its own"
     elif costs.coroutines_only and not m.is_coroutine:
         why = "not a coroutine function (its blocking calls would run in threads)"
     # Pickling is work the workers do too (the other half): it counts with the call, not as speedup.

@@ -359,6 +359,15 @@ def fn_pickle_error(fn: Callable[..., Any]) -> str:
     return ""
 
 
+def fn_share_error(fn: Callable[..., Any]) -> str:
+    """Why ``fn`` cannot be sent by reference (plain pickle, as to a sub-interpreter), or "" when it can."""
+    try:
+        pickle.dumps(fn, protocol=5)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return ""
+
+
 def gear_round_trip(cls: type[Gear], fn: Callable[[Any], Any], item: Any) -> tuple[float, float]:
     """(start-up, round trip) of one worker of the gear ``cls``, in seconds: what it costs beyond the work.
 

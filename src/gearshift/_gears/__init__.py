@@ -22,6 +22,8 @@ from importlib.metadata import EntryPoint, entry_points
 
 from gearshift._gears._base import Gear, GearCosts, cpu_count
 from gearshift._gears.aio import AsyncGear
+from gearshift._gears.dask import DaskGear
+from gearshift._gears.interpreter import InterpreterGear
 from gearshift._gears.process import ProcessGear
 from gearshift._gears.serial import SerialGear
 from gearshift._gears.thread import ThreadGear
@@ -30,9 +32,11 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "GEARS",
     "AsyncGear",
+    "DaskGear",
     "Gear",
     "GearCosts",
     "GearLoadError",
+    "InterpreterGear",
     "ProcessGear",
     "SerialGear",
     "ThreadGear",
@@ -156,11 +160,15 @@ def advisable_gears(load: bool = False) -> dict[str, GearCosts | None]:
     """
     if load:
         load_entry_points()
-    return {name: cls.costs for name, cls in list(_table.items()) if name != BASELINE and not cls.picks_gear}
+    return {
+        name: cls.costs
+        for name, cls in list(_table.items())
+        if name != BASELINE and not cls.picks_gear and not cls.unavailable()
+    }
 
 
 # -- the built-in plain gears ---------------------------------------------------------------------
-for _cls in (SerialGear, ThreadGear, ProcessGear, AsyncGear):
+for _cls in (SerialGear, ThreadGear, ProcessGear, AsyncGear, InterpreterGear, DaskGear):
     register_gear(_cls.name, _cls)
 
 #: The built-in plain gears by name, as before the table (existing callers); new code uses

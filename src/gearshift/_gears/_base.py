@@ -134,6 +134,12 @@ class GearCosts:
     #: The function, items and results are pickled (they cross a process boundary); an unpicklable
     #: function rules the gear out.
     pickles: bool = False
+    #: The function must be importable by name (plain pickle, no cloudpickle): sub-interpreters
+    #: cannot share lambdas or closures (cpython#125865); such a function rules the gear out.
+    by_reference: bool = False
+    #: Used only when the caller names it (a cluster: ``gear="dask"`` or a gear object with its
+    #: client): the advisor predicts it, auto never shifts to it on its own.
+    on_request: bool = False
     #: When the workers run the CPU part of calls in parallel: "always" (processes, sub-interpreters);
     #: "without_gil" (threads: on a free-threaded build, or for code that releases the GIL);
     #: "never" (one thread, one event loop).
@@ -215,6 +221,13 @@ class Gear(ABC):
     def prestart(self, calls: int) -> None:  # noqa: B027 - optional hook
         """From a caller's thread, after ``open``: ``calls`` more calls are coming; a gear that
         starts workers lazily may start them now (the thread gear does, as the stdlib's pool)."""
+
+    @classmethod
+    def unavailable(cls) -> str:
+        """Why this gear cannot run here (a Python too old, an extra not installed), or "".
+
+        The advisor leaves out a gear that cannot run; making one says why."""
+        return ""
 
     def check(self, fn: Callable[..., Any]) -> None:  # noqa: B027 - optional hook
         """Raise before any worker starts if ``fn`` cannot run in this gear."""

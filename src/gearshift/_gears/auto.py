@@ -53,6 +53,7 @@ from gearshift._advisor.probes import (
     ProbeThread,
     ThreadClock,
     fn_pickle_error,
+    fn_share_error,
     gil_pings,
     machine_facts,
     pickle_cost,
@@ -101,6 +102,7 @@ class AutoGear(Gear):
         self.phase = "probe"
         self._fn: Callable[[Any], Any] | None = None
         self._pickle_error = ""
+        self._share_error = ""
         self._coro = False
         self._spec = RunSpec()
         self._report: Any = None
@@ -150,6 +152,7 @@ class AutoGear(Gear):
         self._fn = fn
         self._coro = is_async_callable(fn)
         self._pickle_error = fn_pickle_error(fn) if self.machine.gil_enabled else ""
+        self._share_error = fn_share_error(fn)
 
     # -- lifecycle ------------------------------------------------------------------------
     def open(self, spec: RunSpec) -> None:
@@ -159,6 +162,7 @@ class AutoGear(Gear):
         self._reset()
         self._m.is_coroutine = self._coro
         self._m.pickle_error = self._pickle_error
+        self._m.share_error = self._share_error
         if self._coro:
             n = self._user_workers
             at_once = f"{n} tasks at once" if n else "concurrency found by measurement"

@@ -17,12 +17,14 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from gearshift._cancel import CancelToken
 from gearshift._gears._adaptive import AdaptiveLimit, is_refusal, open_files_cap
 from gearshift._gears._base import Gear, GearCosts, cpu_count, initializer_error, join_threads, timeout_outcome
-from gearshift._task import Batch, Outcome, Result, RunSpec, close_runner, run_batch, run_task
+from gearshift._task import Batch, Outcome, Result, RunSpec, Task, close_runner, run_batch, run_task
 
 #: Seconds a single call's prestart waits for a busy thread to come free before starting another.
 PRESTART_PATIENCE = 0.002
@@ -191,13 +193,13 @@ class ThreadGear(Gear):
 
     def _worker(self, run: _Run) -> None:
         spec = run.spec
-        if spec.initializer is not None:
-            try:
-                spec.initializer(*spec.initargs)
-            except BaseException as exc:
-                run.init_error = exc
-                run.done.put(None)
-                return
+        try:
+            self._enter_worker(spec)
+        except BaseException as exc:
+            run.init_error = exc
+            run.done.put(None)
+            self._leave_worker()
+            return
         timed = spec.timeout is not None
         ident = threading.get_ident()
         work, done, token = run.work, run.done, run.token
@@ -223,7 +225,7 @@ class ThreadGear(Gear):
                     elif gate is not None:
                         seen = gate.active
                         start = time.perf_counter()
-                        results = run_batch(batch, token)
+                        results = self._run_batch(batch, token)
                         latency = (time.perf_counter() - start) / max(1, len(batch))
                         refused = any(type(r) is Outcome and not r.ok and is_refusal(r.value) for r in results)
                         self._adapt(latency, refused, seen, run)
@@ -231,7 +233,7 @@ class ThreadGear(Gear):
                         done.put(results)
                         del results
                     else:
-                        results = run_batch(batch, token)
+                        results = self._run_batch(batch, token)
                         # Idle before its results are seen: a caller who waits for them and submits
                         # again finds this thread free (ThreadPoolExecutor reuses it: CPython's
                         # test_idle_thread_reuse), rather than racing it and starting another.
@@ -250,7 +252,24 @@ class ThreadGear(Gear):
             run.escaped = exc
             done.put(None)
         finally:
-            close_runner()
+            self._leave_worker()
+
+    # -- where a thread runs its calls: here, in the thread; a subclass may run them elsewhere
+    # (the interpreter gear: in the thread's own sub-interpreter) and keep the rest of this gear.
+    def _enter_worker(self, spec: RunSpec) -> None:
+        """A new thread gets ready: runs the initializer (its exception stops the run)."""
+        if spec.initializer is not None:
+            spec.initializer(*spec.initargs)
+
+    def _leave_worker(self) -> None:
+        """A thread ends: close the event loop ``call`` may have made for it."""
+        close_runner()
+
+    def _run_batch(self, batch: Batch, token: CancelToken) -> list[Result]:
+        return run_batch(batch, token)
+
+    def _run_task(self, fn: Callable[[Any], Any], task: Task, token: CancelToken) -> Outcome:
+        return run_task(fn, task, token)
 
     def _run_timed(self, run: _Run, batch: Batch, ident: int, gate: _Gate | None) -> bool:
         """Run the batch's tasks one by one under their deadlines; False when one timed out."""
@@ -261,7 +280,7 @@ class ThreadGear(Gear):
             with self._lock:
                 run.running[ident] = running
             seen = 0 if gate is None else gate.active
-            outcome = run_task(batch.fn, task, token)
+            outcome = self._run_task(batch.fn, task, token)
             with self._lock:
                 # Not registered any more when close() gave up on this thread.
                 registered = run.running.pop(ident, None) is running
