@@ -30,7 +30,8 @@ from gearshift.errors import InitializerError, TaskTimeout
 SRC = Path(__file__).resolve().parent.parent / "src"
 PACKAGE = SRC / "gearshift"
 LAYER_NAMES = ["tasks", "gears", "advisor", "auto", "engine", "fronts"]
-TASKS = {"gearshift.errors", "gearshift._task", "gearshift._cancel", "gearshift._portable", "gearshift._calls"}
+TASKS = {"gearshift.errors", "gearshift._task", "gearshift._cancel", "gearshift._portable", "gearshift._calls",
+         "gearshift._pickling"}
 FRONTS = {"gearshift", "gearshift.__main__", "gearshift._api", "gearshift.executor", "gearshift.pool", "gearshift.cli",
           "gearshift.pipeline", "gearshift.fetch"}
 #: Function-level imports of gearshift allowed without a comment of their own, and why.

@@ -7,16 +7,20 @@ end-to-end tests through the process gear, which pass once the worker calls
 
 from __future__ import annotations
 
+import os
 import pickle
+import subprocess
+import sys
 import threading
 import traceback
+from pathlib import Path
 from typing import Any
 
 import cloudpickle
 import pytest
 
 import gearshift as gs
-from gearshift import _portable
+from gearshift import _pickling, _portable
 from gearshift._portable import portable_exception, portable_value, unpicklable_item
 
 DUMPERS = [pytest.param(pickle.dumps, id="pickle"), pytest.param(cloudpickle.dumps, id="cloudpickle")]
@@ -85,7 +89,8 @@ def raised(exc: BaseException) -> tuple[BaseException, str]:
         return caught, "".join(traceback.format_exception(caught))
 
 
-def round_trip(obj: Any, dumps: Any = pickle.dumps) -> Any:
+def round_trip(obj: Any, dumps: Any = _pickling.dumps) -> Any:
+    """Through the wire's pickling (shielded from what tblib may have installed: see _pickling)."""
     return pickle.loads(dumps(obj, protocol=5))
 
 
@@ -479,3 +484,35 @@ def test_e2e_a_class_defined_in_the_callers_function_is_caught_as_itself() -> No
 
     with pytest.raises(Oops, match="local: 2"):
         gs.map(work, range(5), gear="process", workers=2)
+
+
+TBLIB_SCRIPT = """
+import sys
+import gearshift as gs
+import distributed  # installs tblib's reducers for every exception class, process-wide
+from tests_portable_helpers import raise_it
+out = gs.map(raise_it, ["unicode", "exit", "group"], gear="process", workers=1, errors="collect")
+for f in out:
+    e = f.exception
+    print(type(e).__name__, repr(str(e)) if not isinstance(e, SystemExit) else e.code)
+"""
+
+
+def test_exceptions_survive_when_dask_has_installed_tblib(tmp_path: Path) -> None:
+    pytest.importorskip("distributed")
+    (tmp_path / "tests_portable_helpers.py").write_text(
+        "def raise_it(kind):\n"
+        "    if kind == 'unicode':\n"
+        "        raise UnicodeDecodeError('utf-8', b'\\xff', 0, 1, 'bad')\n"
+        "    if kind == 'exit':\n"
+        "        raise SystemExit(3)\n"
+        "    raise BaseExceptionGroup('group', [KeyboardInterrupt(), ValueError('v')])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", TBLIB_SCRIPT], capture_output=True, text=True, timeout=120,
+                          env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "UnicodeDecodeError \"'utf-8' codec can't decode byte 0xff in position 0: bad\"", lines
+    assert lines[1] == "SystemExit 3", lines
+    assert lines[2].startswith("BaseExceptionGroup 'group"), lines

@@ -22,6 +22,7 @@ import pickle
 from collections.abc import Callable
 from typing import Any
 
+from gearshift import _pickling
 from gearshift.errors import RemoteError, qualified_name, rebuild_exception, short_repr
 
 __all__ = ["portable_exception", "portable_value", "unpicklable_item"]
@@ -32,16 +33,10 @@ _ATOMIC = frozenset({str, int, float, bool, type(None), bytes, complex})
 _REMEDY = "gear='thread' runs it without pickling"
 
 
-def _cloudpickle_dumps(obj: Any, protocol: int) -> bytes:
-    import cloudpickle  # only for the rare exception or result that plain pickle refuses
-
-    data: bytes = cloudpickle.dumps(obj, protocol=protocol)
-    return data
-
-
 #: The wire tries plain pickle, then cloudpickle (lambdas, classes defined in a function or in
-#: an interactive ``__main__``, which it sends by value): a round trip here tries the same.
-_DUMPERS: tuple[Callable[[Any, int], bytes], ...] = (pickle.dumps, _cloudpickle_dumps)
+#: an interactive ``__main__``, which it sends by value): a round trip here tries the same, shielded
+#: as the wire is (``_pickling``).
+_DUMPERS: tuple[Callable[[Any, int], bytes], ...] = (_pickling.dumps, _pickling.cloud_dumps)
 
 
 def portable_exception(exc: BaseException, tb: str) -> BaseException:

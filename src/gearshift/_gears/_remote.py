@@ -9,13 +9,13 @@ be pickled fails only its own item. ``absorb`` turns that list into the engine's
 from __future__ import annotations
 
 import asyncio
-import pickle
 import threading
 import time
 import traceback
 from collections.abc import Callable
 from typing import Any
 
+from gearshift import _pickling
 from gearshift._portable import portable_exception
 
 #: Marks an item that ran past its timeout (its call could not be stopped).
@@ -44,7 +44,7 @@ def initialize(initializer: Callable[..., Any], initargs: tuple[Any, ...]) -> by
     try:
         initializer(*initargs)
     except BaseException as exc:
-        return pickle.dumps(_failure(exc), protocol=5)
+        return _pickling.dumps(_failure(exc), protocol=5)
     return None
 
 
@@ -91,7 +91,7 @@ def run_batch(
             if key not in _initialized:
                 failed = initialize(initializer, initargs)
                 if failed is not None:
-                    return pickle.dumps([(False, "gearshift:init", 0.0, failed)], protocol=5)
+                    return _pickling.dumps([(False, "gearshift:init", 0.0, failed)], protocol=5)
                 _initialized.add(key)
     out: list[Entry] = []
     perf = time.perf_counter
@@ -108,14 +108,14 @@ def run_batch(
         else:
             out.append((True, value, perf() - start, ""))
     try:
-        return pickle.dumps(out, protocol=5)
+        return _pickling.dumps(out, protocol=5)
     except Exception:
         pass
     for pos, entry in enumerate(out):  # find the value at fault: it fails alone
         try:
-            pickle.dumps(entry, protocol=5)
+            _pickling.dumps(entry, protocol=5)
         except Exception as exc:
             exc.add_note(f"the result of item {pos} of its batch could not be pickled to be sent back")
             error, tb = _failure(exc)
             out[pos] = (False, error, entry[2], tb)
-    return pickle.dumps(out, protocol=5)
+    return _pickling.dumps(out, protocol=5)

@@ -24,6 +24,8 @@ import pickle
 import threading
 from typing import Any
 
+from gearshift._pickling import shield
+
 #: Buffers at least this large travel through shared memory; smaller ones stay in the pipe.
 OOB_MIN = 256 * 1024
 #: A message this large (in the pipe) is pickled again, looking for big bytes to move out.
@@ -109,6 +111,7 @@ class _Pickled:
     def dump(self, obj: Any, pickler_cls: type[pickle.Pickler]) -> bytes:
         out = io.BytesIO()
         pickler = pickler_cls(out, protocol=5, buffer_callback=self.buffer_callback)
+        shield(pickler)  # pickle's own reductions for exceptions, whatever tblib installed
         if self.move_bytes:
             # An instance attribute, not a class made on the fly: buffers must never sit in a
             # reference cycle (the GC clearing an exported memoryview crashes CPython).
