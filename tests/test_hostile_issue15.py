@@ -248,6 +248,33 @@ def test_ctrl_c_during_a_run_at_one_per_hour() -> None:
     assert time.process_time() - cpu < 0.5, "waiting for hour-long tokens must not spin"
 
 
+@pytest.mark.timeout(30)
+def test_amap_left_early_while_items_are_parked_at_a_tiny_rate() -> None:
+    async def main() -> list[int]:
+        got = []
+        agen = gs.amap(aident, range(100_000), rate={"*": "1/h"}, rate_key=lambda x: x % 5)
+        async for value in agen:
+            got.append(value)
+            if len(got) == 5:
+                break
+        await agen.aclose()
+        return got
+
+    start = time.monotonic()
+    assert sorted(asyncio.run(main())) == [0, 1, 2, 3, 4]
+    assert time.monotonic() - start < 5.0
+
+
+@pytest.mark.timeout(30)
+def test_a_later_stage_error_aborts_a_stage_with_many_parked_items() -> None:
+    start = time.monotonic()
+    with pytest.raises(KeyError):
+        list(gs.Pipeline(range(100_000))
+             .map(ident, gear="thread", workers=2, rate={"*": "1/h", 0: "1000/s"}, rate_key=lambda x: x % 7)
+             .map(lambda x: fail_at_100(x * 0 + 100), gear="serial"))
+    assert time.monotonic() - start < 10.0
+
+
 def fail_quarter(x: int) -> int:
     if x % 4 == 1:
         raise ValueError(x)
@@ -382,6 +409,26 @@ def exit_at_50(x: int) -> int:
 def test_sys_exit_in_an_adaptive_run_raises_and_leaves_no_thread() -> None:
     with pytest.raises(SystemExit):
         gs.map(exit_at_50, range(2000), gear="thread")
+
+
+@pytest.mark.timeout(30)
+def test_sys_exit_in_a_timed_adaptive_run_raises_and_leaves_no_thread() -> None:
+    with pytest.raises(SystemExit):
+        gs.map(exit_at_50, range(2000), gear="thread", timeout=5.0)
+
+
+def fail_at_100(x: int) -> int:
+    if x == 100:
+        raise KeyError("hundred")
+    return x
+
+
+@pytest.mark.timeout(30)
+def test_an_error_in_a_pipeline_of_adaptive_thread_stages_stops_all_promptly() -> None:
+    start = time.monotonic()
+    with pytest.raises(KeyError):
+        list(gs.Pipeline(range(100_000)).map(wait_10ms, gear="thread").map(fail_at_100, gear="thread"))
+    assert time.monotonic() - start < 10.0
 
 
 def bad_init() -> None:
