@@ -14,17 +14,28 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Hashable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_fetch import Server, big_body, item_body, server  # noqa: F401  (the fixture)
+from test_fetch import Server, big_body, item_body
 
 import gearshift as gs
 from gearshift.fetch import file_name
 
 _lock = threading.Lock()
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    """test_fetch's local aiohttp server (127.0.0.1, a random port, a thread of its own)."""
+    srv = Server()
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
 
 
 def ident(x: Any) -> Any:
