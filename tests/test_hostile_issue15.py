@@ -459,6 +459,28 @@ def test_an_error_in_a_pipeline_of_adaptive_thread_stages_stops_all_promptly() -
     assert time.monotonic() - start < 10.0
 
 
+STUCK = threading.Event()
+
+
+def stuck_ignoring_the_token(x: int) -> int:
+    if x < 20:
+        STUCK.wait(20)
+    return x
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.filterwarnings("ignore:gearshift. .* thread")
+def test_a_timeout_under_raise_with_calls_ignoring_cancellation_raises_promptly() -> None:
+    STUCK.clear()
+    start = time.monotonic()
+    try:
+        with pytest.raises(gs.TaskTimeout):
+            gs.map(stuck_ignoring_the_token, range(500), gear="thread", timeout=0.2)
+        assert time.monotonic() - start < 10.0
+    finally:
+        STUCK.set()
+
+
 def bad_init() -> None:
     raise RuntimeError("init failed")
 
@@ -602,6 +624,18 @@ def test_per_host_rate_localhost_and_127_0_0_1_are_two_hosts(server: Server, tmp
     for h in "LI":
         times = sorted(server.times(f"/item/{i}?h={h}")[0] for i in range(4))
         assert times[-1] - times[0] >= 1.2, f"host {h}: 4 requests at 2/s span >= 1.5 s"
+
+
+@pytest.mark.timeout(60)
+def test_per_host_rate_with_one_request_at_a_time_holds_no_slot_while_waiting(server: Server,
+                                                                              tmp_path: Path) -> None:
+    start = time.monotonic()
+    local = [server.url(f"/item/{i}?c=L").replace("127.0.0.1", "localhost") for i in range(3)]
+    ip = [server.url(f"/item/{i}?c=I") for i in range(3)]
+    report = gs.fetch(local + ip, tmp_path / "out", per_host_rate="1/s", concurrency=1)
+    assert report.ok == 6
+    assert server.times("/item/0?c=I")[0] - start < 0.6, "127.0.0.1's first URL waited behind localhost's"
+    assert time.monotonic() - start < 4.0, "two hosts at 1/s each: about 2 s, not 5"
 
 
 @pytest.mark.timeout(60)
