@@ -380,7 +380,11 @@ class Scheduler:
         assert keyed is not None
         try:
             key = keyed.key(task.item)
-            hash(key)
+            # (a key whose hash or comparison raises fails here too, its item alone)
+            waiting = self._parked.get(key)
+            if not waiting and self._outstanding < self._window(1) and keyed.take(key, now):
+                self._start_one(task)
+                return
         except Exception as exc:
             exc.add_note(f"gearshift: rate_key failed on item #{task.index} {short_repr(task.item)}")
             if self.errors == "raise":
@@ -388,10 +392,6 @@ class Scheduler:
                 raise
             self._outstanding += 1
             self.complete([Outcome(task, False, exc, 0.0, format_tb(exc))], now, final=True)
-            return
-        waiting = self._parked.get(key)
-        if not waiting and self._outstanding < self._window(1) and keyed.take(key, now):
-            self._start_one(task)
             return
         if waiting is None:
             waiting = self._parked[key] = deque()
@@ -565,6 +565,9 @@ class Scheduler:
 
     def finish(self) -> None:
         self._progress.close()
+        peak = self.gear.peak_workers()
+        if peak is not None:
+            self.report.workers = peak  # an adaptive run: what it reached (the notes say where it ended)
         self.report.reasons.extend(self.gear.notes())
         self.report.items = self.report.succeeded + self.report.failed
         self.report.wall = time.perf_counter() - self._started

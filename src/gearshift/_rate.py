@@ -94,11 +94,17 @@ class KeyedRate:
             raise ValueError(f"a rate per key needs a non-empty mapping of key to rate, got {rates!r}")
         if not callable(key):
             raise TypeError(f"rate_key must be a function of the item, got {key!r}")
+        if _is_async(key):
+            raise TypeError("rate_key must be a plain function: it runs as items are admitted, where nothing "
+                            "awaits (an async one would give every item its own coroutine as its key)")
         self.key = key
         self._rates = {k: parse_rate(v) for k, v in rates.items()}
         self._default = self._rates.pop(ANY_KEY, None)
         self._buckets: dict[Hashable, RateLimiter] = {k: RateLimiter(r) for k, r in self._rates.items()}
         self.total = None if total is None else RateLimiter(parse_rate(total))
+        #: Buckets of unlisted keys beyond which idle ones are dropped; it doubles when none is
+        #: idle (slow rates), so the scans stay linear in the number of keys overall.
+        self._keep = MAX_IDLE_BUCKETS
 
     def describe(self) -> str:
         parts = [f"{k}: {_per_second(r)}" for k, r in self._rates.items()]
@@ -111,15 +117,18 @@ class KeyedRate:
     def _bucket(self, key: Hashable) -> RateLimiter | None:
         bucket = self._buckets.get(key)
         if bucket is None and self._default is not None:
-            if len(self._buckets) > len(self._rates) + MAX_IDLE_BUCKETS:
+            if len(self._buckets) > len(self._rates) + self._keep:
                 self._forget_idle()
             bucket = self._buckets[key] = RateLimiter(self._default)
         return bucket
 
     def _forget_idle(self) -> None:
         now = time.monotonic()
-        for k in [k for k, b in self._buckets.items() if k not in self._rates and b.available(now) >= b.burst]:
+        idle = [k for k, b in self._buckets.items() if k not in self._rates and b.available(now) >= b.burst]
+        for k in idle:
             del self._buckets[k]
+        if len(idle) < self._keep // 2:
+            self._keep *= 2  # mostly busy buckets (a slow rate): look again only after as many more
 
     def take(self, key: Hashable, now: float) -> bool:
         """Spend a token of ``key`` (and of the total) if both have one; False otherwise."""
@@ -159,6 +168,13 @@ def make_rate(rate: RateArg, rate_key: Callable[[Any], Hashable] | None = None) 
     if rate_key is not None:
         raise ValueError("rate_key= needs rate= a mapping of key to rate, e.g. {'api.example.com': '10/s', '*': '2/s'}")
     return None if rate is None else RateLimiter(parse_rate(rate))
+
+
+def _is_async(fn: Callable[..., Any]) -> bool:
+    import inspect
+
+    call = getattr(type(fn), "__call__", None)  # noqa: B004
+    return inspect.iscoroutinefunction(fn) or (call is not None and inspect.iscoroutinefunction(call))
 
 
 def _per_second(rate: float) -> str:

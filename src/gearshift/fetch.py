@@ -28,11 +28,12 @@ import asyncio
 import contextlib
 import email.utils
 import hashlib
+import itertools
 import json
 import os
 import re
 import time
-from collections.abc import AsyncGenerator, Iterable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ from urllib.parse import unquote, urlsplit
 from gearshift._api import amap
 from gearshift._cli.outputs import RecordWriter
 from gearshift._gears.aio import AsyncGear, loop_factory
-from gearshift._rate import ANY_KEY, KeyedRate
+from gearshift._rate import ANY_KEY, KeyedRate, make_rate
 from gearshift._retry import Retry
 from gearshift.errors import Failure
 
@@ -97,8 +98,10 @@ class _Job:
     error: str | None = None  # a malformed line: why
 
 
-def _host_of(job: _Job) -> str:
-    """The key of a URL's per-host rate."""
+def _host_of(job: _Job) -> Any:
+    """The key of a URL's per-host rate (a malformed line, which makes no request, a key of its own)."""
+    if job.error is not None:
+        return ("malformed", job.line)
     try:
         return (urlsplit(job.url).hostname or "").lower()
     except ValueError:
@@ -245,6 +248,9 @@ class _Fetcher:
         # read back only when a name exists already (a URL given twice): memory stays flat
         # however many URLs a run fetches.
         self.previous = previous
+        self._active: dict[str, int] = {}  # names being downloaded now, and by how many downloads
+        self._placed: set[str] = set()  # names placed while a sibling download was under way
+        self._seq = itertools.count()
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self.timeout_seconds = timeout
         self.attempts: dict[int, int] = {}
@@ -267,9 +273,21 @@ class _Fetcher:
         # Plain strings, not Path objects: 3.11's pathlib interns every part, and the interned
         # table would grow with every file name (memory flat in the number of URLs).
         final = os.path.join(self._out, name)
-        if os.path.exists(final) and name not in self.previous and not self._claimed(name):
-            raise _Final(f"refused: {final} exists and is not in the manifest (gearshift never writes over a "
-                         "file it did not write)")
+        # lexists: a dangling symlink is a file of the user's too.
+        existed = os.path.lexists(final)
+        if existed and name not in self.previous and not self._claimed(name):
+            raise _Final(_refusal(final))
+        self._active[name] = self._active.get(name, 0) + 1
+        try:
+            return await self._fetch(job, name, final, existed)
+        finally:
+            left = self._active.pop(name) - 1
+            if left:
+                self._active[name] = left
+            else:
+                self._placed.discard(name)
+
+    async def _fetch(self, job: _Job, name: str, final: str, existed: bool) -> dict[str, Any]:
         start = time.perf_counter()
         aiohttp = self._aiohttp
         try:
@@ -282,7 +300,7 @@ class _Fetcher:
                     raise _Final(f"HTTP {status} (not retried: a client error)", status)
                 self.claims.write(name + "\n")
                 self.claims.flush()  # before the file exists (a kill loses no flushed write)
-                size, digest = await self._save(resp, final)
+                size, digest = await self._save(resp, final, name, existed)
         except (_Retryable, _Final):
             raise
         except TimeoutError as exc:
@@ -307,9 +325,21 @@ class _Fetcher:
         with open(self.claims.name, encoding="utf-8", errors="replace") as f:
             return any(line.rstrip("\n") == name for line in f)
 
-    async def _save(self, resp: Any, final: str) -> tuple[int, str | None]:
-        head, name = os.path.split(final)
-        part = os.path.join(head, f".{name}.part")
+    def _may_replace(self, name: str, existed: bool) -> Callable[[], bool]:
+        """Whether a file found at ``name`` when placing ours is ours to replace: it was ours when
+        the request started, or a download of the same URL in this run put it there meanwhile."""
+        return lambda: existed or name in self._placed
+
+    def _placing(self, name: str) -> None:
+        """Just before this download puts its file in place: siblings (the same URL, in flight) may replace it."""
+        if self._active.get(name, 0) > 1:
+            self._placed.add(name)
+
+    async def _save(self, resp: Any, final: str, name: str, existed: bool) -> tuple[int, str | None]:
+        # A part file of this download's own, created exclusively (never over a file that is there,
+        # never through a symlink): two downloads of one URL never share it.
+        part = os.path.join(self._out, f".{name}.{os.getpid():x}-{next(self._seq):x}.part")
+        may_replace = self._may_replace(name, existed)
         digest = hashlib.sha256() if self.checksum else _NoDigest()
         block = bytearray()
         stream = resp.content
@@ -319,13 +349,14 @@ class _Fetcher:
                 # Small: hashed and written right here, as a raw loop would (a thread hop costs
                 # more than a quarter MiB into the page cache).
                 digest.update(block)
-                _write_whole(part, final, block)
+                self._placing(name)
+                _write_whole(part, final, block, may_replace)
                 return len(block), digest.hexdigest()
             block += chunk
         # Big: blocks of ~1 MiB, each hashed and written by a thread in one hop (hashlib and the
         # write release the GIL), so the loop goes on receiving meanwhile.
         size = 0
-        f = await asyncio.to_thread(open, part, "wb")
+        f = await asyncio.to_thread(_open_part, part)
         try:
             while True:
                 chunk = await stream.read(CHUNK)
@@ -337,7 +368,8 @@ class _Fetcher:
                     size += len(data)
                 if not chunk:
                     break
-            await asyncio.to_thread(_close_and_rename, f, part, final)
+            self._placing(name)
+            await asyncio.to_thread(_close_and_place, f, part, final, may_replace)
         except BaseException:
             f.close()
             with contextlib.suppress(OSError):
@@ -361,16 +393,46 @@ def _hash_and_write(f: Any, digest: Any, data: bytes) -> None:
     f.write(data)
 
 
-def _close_and_rename(f: Any, part: str, final: str) -> None:
-    f.close()
-    os.replace(part, final)
+def _refusal(final: str) -> str:
+    return f"refused: {final} exists and is not in the manifest (gearshift never writes over a file it did not write)"
 
 
-def _write_whole(part: str, final: str, data: bytes | bytearray) -> None:
+def _open_part(part: str) -> Any:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    return os.fdopen(os.open(part, flags, 0o644), "wb")
+
+
+def _place(part: str, final: str, may_replace: Callable[[], bool]) -> None:
+    """Move a finished part file to its final name, never over a file that is not ours.
+
+    A hard link fails if the name exists, whoever made it and whenever (even a moment ago,
+    while the body arrived): only then, and only if it is ours, is it replaced.
+    """
     try:
-        with open(part, "wb") as f:
-            f.write(data)
+        os.link(part, final)
+    except FileExistsError:
+        if not may_replace():
+            raise _Final(_refusal(final)) from None
         os.replace(part, final)
+        return
+    except OSError:  # no hard links on this file system: look, then rename
+        if os.path.lexists(final) and not may_replace():
+            raise _Final(_refusal(final)) from None
+        os.replace(part, final)
+        return
+    os.unlink(part)
+
+
+def _close_and_place(f: Any, part: str, final: str, may_replace: Callable[[], bool]) -> None:
+    f.close()
+    _place(part, final, may_replace)
+
+
+def _write_whole(part: str, final: str, data: bytes | bytearray, may_replace: Callable[[], bool]) -> None:
+    try:
+        with _open_part(part) as f:
+            f.write(data)
+        _place(part, final, may_replace)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(part)
@@ -435,6 +497,7 @@ async def afetch(
         raise ValueError(f"retries must be an int >= 0, got {retries!r}")
     if not (isinstance(timeout, (int, float)) and timeout > 0):
         raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
+    make_rate(rate)  # a bad rate is refused before DIR is touched
     limits: str | float | KeyedRate | None = rate
     if per_host_rate is not None:
         # One bucket per host in the engine: a URL waiting for its host's turn holds no slot,

@@ -523,14 +523,15 @@ class _Run:
         out = self.channels[k + 1]
         assert out is not None
         kind = stage.kind
-        seen_failed = 0
+        named = [0]  # this stage's own failures named so far
         try:
             for chunk in drive(scheduler, gear, spec, opened=self.opened[k].set):
                 values = [value for _, value in chunk]
-                report = scheduler.report
-                if report.failed != seen_failed or k > 0:
-                    seen_failed = report.failed
-                    values = self._name_failures(k, values)
+                # A failure counted now may be released in a later chunk (after earlier items, in
+                # order): look while any counted failure is not named yet, and always past the first
+                # stage (failures of earlier stages pass through).
+                if scheduler.report.failed > named[0] or k > 0:
+                    values = self._name_failures(k, values, named)
                 if kind == "filter":
                     values = [v for v in values if v is not DROPPED]
                 elif kind == "flat_map":
@@ -550,13 +551,14 @@ class _Run:
             self.opened[k].set()
             self.ended[k].set()
 
-    def _name_failures(self, k: int, values: list[Any]) -> list[Any]:
+    def _name_failures(self, k: int, values: list[Any], named: list[int]) -> list[Any]:
         name = self.stages[k].name
         out = []
         for v in values:
             if type(v) is Failure:
                 if v.stage is None:
                     v = dataclasses.replace(v, stage=name)
+                    named[0] += 1
                 else:
                     self.passed[k] += 1
             out.append(v)

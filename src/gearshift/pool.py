@@ -8,6 +8,7 @@ lambdas work in processes, and a crashed worker fails only its own task.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import warnings
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, wait
@@ -155,6 +156,8 @@ class Pool:
             raise ValueError("Number of processes must be at least 1")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
+        if count is None and isinstance(gear, str) and gear == "thread":
+            count = os.cpu_count() or 1  # a fixed pool, as multiprocessing.pool.ThreadPool's (not adaptive)
         chosen: str | Gear = gear
         if context is not None:
             if gear != "process":

@@ -258,6 +258,10 @@ class Gear(ABC):
     def describe(self) -> str:
         return f"{self.name} gear, {self.workers} worker{'s' if self.workers != 1 else ''}"
 
+    def peak_workers(self) -> int | None:
+        """Most workers (or calls in flight) the last run reached when the gear sized itself; else None."""
+        return None
+
     def notes(self) -> list[str]:
         """What the gear learned during the run, for the report's reasons (e.g. an adapted limit)."""
         return []

@@ -219,6 +219,9 @@ class AsyncGear(Gear):
             return "async gear, adaptive concurrency"
         return super().describe()
 
+    def peak_workers(self) -> int | None:
+        return None if self._limit is None or not self.adaptive else self._limit.peak_limit
+
     def notes(self) -> list[str]:
         notes = [] if self._limit is None else [self._limit.describe()]
         if self._loop_used:

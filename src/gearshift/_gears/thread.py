@@ -123,6 +123,9 @@ class ThreadGear(Gear):
             return "thread gear, adaptive concurrency"
         return super().describe()
 
+    def peak_workers(self) -> int | None:
+        return None if self._limit is None or not self.adaptive else self._limit.peak_limit
+
     def notes(self) -> list[str]:
         return [] if self._limit is None else [self._limit.describe().replace(" in flight", " threads at work")]
 
