@@ -616,6 +616,8 @@ def test_per_host_rate_with_one_request_at_a_time_holds_no_slot_while_waiting(se
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop", "auto"])
 def test_each_loop_and_no_checksum(server: Server, tmp_path: Path, loop: str) -> None:
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
     urls = [server.url(f"/item/{i}") for i in range(5)] + [server.url("/big")]
     report = gs.fetch(urls, tmp_path / "out", loop=loop, checksum=False)
     assert report.ok == 6
