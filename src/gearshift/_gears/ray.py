@@ -43,6 +43,8 @@ class RayGear(ClusterGear):
     name = "ray"
     #: ~0.5 ms a task measured here (plus pickling): 20 ms of work a batch keeps it near 3%.
     chunk_target = 0.02
+    #: The tail of a run is cut into batches of at least this much work: each task costs ~ms.
+    min_batch_work = 0.005
     crash_errors = ("WorkerCrashedError", "NodeDiedError", "OwnerDiedError")
     costs = GearCosts(
         handoff_per_batch=0.5e-3, batch_work=0.02, startup=2.4, startup_per_worker=0.05, pickles=True,
