@@ -139,6 +139,21 @@ def test_a_worker_killed_mid_run_fails_only_its_item(client: Any) -> None:
     assert gs.map(square, range(5), gear=gear(client)) == [0, 1, 4, 9, 16]
 
 
+def test_ctrl_c_while_iterating_cancels_the_run_and_the_cluster_stays_usable(client: Any) -> None:
+    """KeyboardInterrupt reaching the caller mid-run (as Ctrl-C does): the run's queued tasks are
+    cancelled, the given cluster keeps running and takes the next run."""
+    results = gs.imap(wait_then, [0.05] * 200, gear=gear(client), chunksize=1)
+    with pytest.raises(KeyboardInterrupt):
+        for _ in results:
+            raise KeyboardInterrupt
+    assert gs.map(square, range(5), gear=gear(client)) == [0, 1, 4, 9, 16]
+    # Nothing of the interrupted run is left queued on the cluster (running tasks end on their own).
+    deadline = time.monotonic() + 30
+    while any(client.processing().values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(client.processing().values())
+
+
 def test_unordered_streaming_executor_pool_pipeline(client: Any) -> None:
     assert sorted(gs.imap(square, range(300), gear=gear(client), ordered=False)) == [x * x for x in range(300)]
     with gs.Executor(gear=gear(client)) as ex:

@@ -36,6 +36,18 @@ def sleep_then(x: float) -> float:
     return x
 
 
+class LockedError(Exception):
+    """An exception that cannot be pickled (it holds a lock)."""
+
+    def __init__(self) -> None:
+        super().__init__("holds a lock")
+        self.lock = threading.Lock()
+
+
+def raises_unpicklable(x: int) -> int:
+    raise LockedError()
+
+
 def _initializer(tag: str) -> None:
     if tag == "boom":
         raise RuntimeError("initializer boom")
@@ -80,6 +92,14 @@ def test_remote_traceback_and_collect() -> None:
     assert [g for g in got if not isinstance(g, gs.Failure)] == [0, 1, 2, 4, 5]
     failure = got[3]
     assert isinstance(failure, gs.Failure) and failure.item == 3
+
+
+@needs_314
+def test_an_exception_that_cannot_travel_comes_back_as_remote_error() -> None:
+    got = gs.map(raises_unpicklable, [1], gear="interpreter", errors="collect")
+    error = got[0].exception
+    assert isinstance(error, gs.RemoteError) and error.type_name.endswith("LockedError"), error
+    assert "holds a lock" in str(error)
 
 
 @needs_314
