@@ -133,6 +133,9 @@ def test_advisor_never_picks_it_for_a_function_it_cannot_share() -> None:
     decision = decide(m, Machine(cores=8), gears=gears)
     assert not decision.predictions["interpreter"].applicable
     assert "cpython#125865" in decision.predictions["interpreter"].why_not
-    # A tie with processes goes to processes, which isolate crashes.
+    # Never on its own (it gives up crash isolation): even where the model predicts it as fast.
     decision = decide(Measurements(per_item=0.005), Machine(cores=8), gears=gears)
     assert decision.gear == "process"
+    assert "asked for" in decision.predictions["interpreter"].why_not
+    decision = decide(Measurements(per_item=0.005), Machine(cores=8), gears={"interpreter": gs.InterpreterGear.costs})
+    assert decision.gear == "serial"

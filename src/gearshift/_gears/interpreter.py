@@ -69,12 +69,14 @@ class InterpreterGear(ThreadGear):
     chunk_target = 0.02
     pickles = True
     # Measured on 3.14 (2 cores): a crossing ~0.1 ms plus pickling; an interpreter starts in ~6 ms
-    # and imports the function's modules again (gearshift itself is not imported there). It ranks
-    # after processes, so a tie goes to the gear that isolates crashes; the advisor measures it
-    # (``measure``) when it is in question.
+    # and imports the function's modules again (gearshift itself is not imported there). The advisor
+    # predicts it and shows it, but it runs only when asked for (``on_request``): it gives up the
+    # crash isolation processes give, which the caller must choose knowingly, and on 3.14 its
+    # declared costs beat processes' measured ones (forkserver start-up) in the model, so auto
+    # would pick it for CPU work without having measured it against processes in the run.
     costs = GearCosts(
         handoff_per_batch=400e-6, batch_work=0.02, startup=0.005, startup_per_worker=0.01, reimports=True, pickles=True,
-        by_reference=True, cpu_parallel="always", max_workers_per_core=1, tie_rank=40, measure=True,
+        by_reference=True, on_request=True, cpu_parallel="always", max_workers_per_core=1, tie_rank=40, measure=True,
         label="sub-interpreters",
     )
 
