@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copyreg
 import importlib
 import importlib.util
@@ -178,6 +179,10 @@ def test_ctrl_c_while_iterating_cancels_the_run_and_the_cluster_stays_usable(cli
 
 def test_unordered_streaming_executor_pool_pipeline(client: Any) -> None:
     assert sorted(gs.imap(square, range(300), gear=gear(client), ordered=False)) == [x * x for x in range(300)]
+    async def from_async_code() -> list[int]:
+        return [x async for x in gs.amap(square, range(30), gear=gear(client))]
+
+    assert asyncio.run(from_async_code()) == [x * x for x in range(30)]
     with gs.Executor(gear=gear(client)) as ex:
         assert ex.submit(square, 7).result(timeout=30) == 49
         assert list(ex.map(square, range(10))) == [x * x for x in range(10)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -121,6 +122,10 @@ def test_a_worker_killed_mid_run_fails_only_its_item(local_ray: None) -> None:
 
 def test_unordered_streaming_executor_pool_pipeline(local_ray: None) -> None:
     assert sorted(gs.imap(square, range(300), gear="ray", ordered=False)) == [x * x for x in range(300)]
+    async def from_async_code() -> list[int]:
+        return [x async for x in gs.amap(square, range(30), gear="ray")]
+
+    assert asyncio.run(from_async_code()) == [x * x for x in range(30)]
     with gs.Executor(gear="ray") as ex:
         assert ex.submit(square, 7).result(timeout=60) == 49
         assert list(ex.map(square, range(10))) == [x * x for x in range(10)]
