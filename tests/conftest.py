@@ -26,6 +26,14 @@ def _ours(proc: psutil.Process) -> bool:
 KEPT: set[int] = set()
 
 
+def _kept(proc: psutil.Process) -> bool:
+    """Kept, or started by a kept process (a local Ray's raylet starts its workers as needed)."""
+    try:
+        return proc.pid in KEPT or any(parent.pid in KEPT for parent in proc.parents())
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return False
+
+
 def keep_children() -> None:
     """Count every live child now as kept by the running module fixture (see ``KEPT``)."""
     KEPT.update(p.pid for p in psutil.Process(os.getpid()).children(recursive=True))
@@ -37,7 +45,7 @@ def leftover_children(wait: float = 3.0) -> list[psutil.Process]:
     deadline = time.monotonic() + wait
     while True:
         kids = [p for p in me.children(recursive=True) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        kids = [p for p in kids if _ours(p) and p.pid not in KEPT]
+        kids = [p for p in kids if _ours(p) and not _kept(p)]
         if not kids or time.monotonic() > deadline:
             return kids
         time.sleep(0.02)

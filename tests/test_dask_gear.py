@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import copyreg
+import importlib
+import importlib.util
 import os
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
+import psutil
 import pytest
 from conftest import KEPT, keep_children, leftover_children
 
 import gearshift as gs
 
-distributed = pytest.importorskip("distributed", reason="needs the dask extra: pip install 'gearshift[dask]'")
-import dask  # noqa: E402  (after the importorskip)
-import psutil  # noqa: E402
+if importlib.util.find_spec("distributed") is None:
+    pytest.skip("needs the dask extra: pip install 'gearshift[dask]'", allow_module_level=True)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -39,10 +43,14 @@ def fails_on_three(x: int) -> int:
     return x
 
 
+def init_boom(tag: str) -> None:
+    raise RuntimeError(f"initializer {tag}")
+
+
 def victim(x: int) -> int:
     """Item 99 tells the test its worker's pid and waits to be killed; the others return."""
     if x == 99:
-        distributed.Queue("gearshift-victim").put(os.getpid())
+        importlib.import_module("distributed").Queue("gearshift-victim").put(os.getpid())
         time.sleep(60)
     return x
 
@@ -55,8 +63,23 @@ def _names(procs: list[psutil.Process]) -> list[str]:
     return [" ".join(p.cmdline())[:100] for p in procs]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def distributed() -> Iterator[Any]:
+    """``distributed``, imported for this module only: importing it installs tblib's pickling of
+    exceptions process-wide (``copyreg``), which changes how the process gear's exceptions travel
+    (``SystemExit.code``, ``str`` of a ``UnicodeDecodeError``); the later modules get the table back."""
+    before = dict(copyreg.dispatch_table)
+    try:
+        yield importlib.import_module("distributed")
+    finally:
+        copyreg.dispatch_table.clear()
+        copyreg.dispatch_table.update(before)
+
+
 @pytest.fixture(scope="module")
-def client() -> Iterator[Any]:
+def client(distributed: Any) -> Iterator[Any]:
+    import dask
+
     assert not leftover_children()
     # No retries of a task whose worker died: the crash test's item fails at its first death.
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
@@ -104,7 +127,7 @@ def test_timeout_fails_the_item_and_says_its_call_runs_on(client: Any) -> None:
     assert any("could not be stopped" in note for note in g.notes())
 
 
-def test_a_worker_killed_mid_run_fails_only_its_item(client: Any) -> None:
+def test_a_worker_killed_mid_run_fails_only_its_item(client: Any, distributed: Any) -> None:
     pids = distributed.Queue("gearshift-victim", client=client)
     out: list[Any] = []
     done = threading.Event()
@@ -139,8 +162,27 @@ def test_a_worker_killed_mid_run_fails_only_its_item(client: Any) -> None:
     assert gs.map(square, range(5), gear=gear(client)) == [0, 1, 4, 9, 16]
 
 
+def test_ctrl_c_while_iterating_cancels_the_run_and_the_cluster_stays_usable(client: Any) -> None:
+    """KeyboardInterrupt reaching the caller mid-run (as Ctrl-C does): the run's queued tasks are
+    cancelled, the given cluster keeps running and takes the next run."""
+    results = gs.imap(wait_then, [0.05] * 200, gear=gear(client), chunksize=1)
+    with pytest.raises(KeyboardInterrupt):
+        for _ in results:
+            raise KeyboardInterrupt
+    assert gs.map(square, range(5), gear=gear(client)) == [0, 1, 4, 9, 16]
+    # Nothing of the interrupted run is left queued on the cluster (running tasks end on their own).
+    deadline = time.monotonic() + 30
+    while any(client.processing().values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(client.processing().values())
+
+
 def test_unordered_streaming_executor_pool_pipeline(client: Any) -> None:
     assert sorted(gs.imap(square, range(300), gear=gear(client), ordered=False)) == [x * x for x in range(300)]
+    async def from_async_code() -> list[int]:
+        return [x async for x in gs.amap(square, range(30), gear=gear(client))]
+
+    assert asyncio.run(from_async_code()) == [x * x for x in range(30)]
     with gs.Executor(gear=gear(client)) as ex:
         assert ex.submit(square, 7).result(timeout=30) == 49
         assert list(ex.map(square, range(10))) == [x * x for x in range(10)]
@@ -148,6 +190,14 @@ def test_unordered_streaming_executor_pool_pipeline(client: Any) -> None:
         assert pool.map(square, range(10)) == [x * x for x in range(10)]
     stage = gs.Pipeline(range(20)).map(square, gear=gear(client))
     assert list(stage) == [x * x for x in range(20)]
+
+
+def test_address_connects_and_an_initializer_error_stops_the_run(client: Any) -> None:
+    address = client.scheduler.address
+    assert gs.map(square, range(10), gear=gs.DaskGear(address=address)) == [x * x for x in range(10)]
+    with pytest.raises(gs.InitializerError, match="initializer boom"):
+        gs.map(square, range(10), gear=gear(client), initializer=init_boom, initargs=("boom",))
+    assert gs.map(square, range(3), gear=gear(client)) == [0, 1, 4]
 
 
 def test_without_a_client_a_local_cluster_is_started_and_closed() -> None:

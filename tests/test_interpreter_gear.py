@@ -36,6 +36,18 @@ def sleep_then(x: float) -> float:
     return x
 
 
+class LockedError(Exception):
+    """An exception that cannot be pickled (it holds a lock)."""
+
+    def __init__(self) -> None:
+        super().__init__("holds a lock")
+        self.lock = threading.Lock()
+
+
+def raises_unpicklable(x: int) -> int:
+    raise LockedError()
+
+
 def _initializer(tag: str) -> None:
     if tag == "boom":
         raise RuntimeError("initializer boom")
@@ -83,6 +95,14 @@ def test_remote_traceback_and_collect() -> None:
 
 
 @needs_314
+def test_an_exception_that_cannot_travel_comes_back_as_remote_error() -> None:
+    got = gs.map(raises_unpicklable, [1], gear="interpreter", errors="collect")
+    error = got[0].exception
+    assert isinstance(error, gs.RemoteError) and error.type_name.endswith("LockedError"), error
+    assert "holds a lock" in str(error)
+
+
+@needs_314
 def test_timeout_fails_the_item_at_its_deadline() -> None:
     with pytest.warns(RuntimeWarning, match="did not stop"):
         got = gs.map(sleep_then, [0.0, 3.0, 0.0], gear="interpreter", workers=2, timeout=0.5, errors="collect")
@@ -113,6 +133,9 @@ def test_advisor_never_picks_it_for_a_function_it_cannot_share() -> None:
     decision = decide(m, Machine(cores=8), gears=gears)
     assert not decision.predictions["interpreter"].applicable
     assert "cpython#125865" in decision.predictions["interpreter"].why_not
-    # A tie with processes goes to processes, which isolate crashes.
+    # Never on its own (it gives up crash isolation): even where the model predicts it as fast.
     decision = decide(Measurements(per_item=0.005), Machine(cores=8), gears=gears)
     assert decision.gear == "process"
+    assert "asked for" in decision.predictions["interpreter"].why_not
+    decision = decide(Measurements(per_item=0.005), Machine(cores=8), gears={"interpreter": gs.InterpreterGear.costs})
+    assert decision.gear == "serial"

@@ -193,7 +193,11 @@ class Scheduler:
             size = min(size, CHUNK_BYTES // self._item_bytes)
         if self.total is not None:
             remaining = self.total - self._next_index
-            size = min(size, math.ceil(remaining / (CHUNKS_PER_WORKER * self.gear.workers)))
+            tail = math.ceil(remaining / (CHUNKS_PER_WORKER * self.gear.workers))
+            # Smaller toward the end to balance the tail, but never below the gear's floor of work a
+            # batch holds (a cluster's task costs ms: a tail of one-item tasks would dominate a run).
+            floor = int(self.gear.min_batch_work / max(self._per_item, 1e-7))
+            size = min(size, max(tail, floor))
         return max(1, min(size, MAX_CHUNK))
 
     @property

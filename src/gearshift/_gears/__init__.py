@@ -25,6 +25,7 @@ from gearshift._gears.aio import AsyncGear
 from gearshift._gears.dask import DaskGear
 from gearshift._gears.interpreter import InterpreterGear
 from gearshift._gears.process import ProcessGear
+from gearshift._gears.ray import RayGear
 from gearshift._gears.serial import SerialGear
 from gearshift._gears.thread import ThreadGear
 
@@ -38,6 +39,7 @@ __all__ = [
     "GearLoadError",
     "InterpreterGear",
     "ProcessGear",
+    "RayGear",
     "SerialGear",
     "ThreadGear",
     "advisable_gears",
@@ -168,7 +170,7 @@ def advisable_gears(load: bool = False) -> dict[str, GearCosts | None]:
 
 
 # -- the built-in plain gears ---------------------------------------------------------------------
-for _cls in (SerialGear, ThreadGear, ProcessGear, AsyncGear, InterpreterGear, DaskGear):
+for _cls in (SerialGear, ThreadGear, ProcessGear, AsyncGear, InterpreterGear, DaskGear, RayGear):
     register_gear(_cls.name, _cls)
 
 #: The built-in plain gears by name, as before the table (existing callers); new code uses

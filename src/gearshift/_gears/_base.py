@@ -181,6 +181,9 @@ class Gear(ABC):
     #: Seconds of work a batch should hold so its dispatch cost stays ~1% (0: never chunk).
     #: Read on every admission, so a gear may change it as it learns (the auto gear does).
     chunk_target: float = 0.0
+    #: Seconds of work a batch holds at least, even where the engine shrinks batches to balance
+    #: the end of a run (0: no floor). For gears whose hand-off costs milliseconds (a cluster).
+    min_batch_work: float = 0.0
     #: True when items and the function cross a process boundary (must pickle).
     pickles: ClassVar[bool] = False
     #: True while a run holds this gear (see ``claim``).

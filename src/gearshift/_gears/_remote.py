@@ -27,11 +27,65 @@ _init_lock = threading.Lock()
 Entry = tuple[bool, Any, float, str]
 
 
+#: Stands for an exception that could not be pickled: ``(UNPICKLABLE, type name, message, reason)``.
+UNPICKLABLE = "gearshift:unpicklable"
+
+
+# -- for sub-interpreters: functions without globals, so that a sub-interpreter gets them by their
+# code (cross-interpreter data) and never imports gearshift, which would cost ~0.1 s per interpreter.
 def set_path(path: list[str]) -> None:
     """Give the sub-interpreter the caller's ``sys.path``, as spawn gives a child process."""
     import sys
 
     sys.path[:] = path
+
+
+def interp_run_batch(fn: Callable[[Any], Any], items: list[Any], init: Any = None) -> bytes:
+    """``run_batch`` for a sub-interpreter, self-contained; ``init``: (initializer, initargs) to run first."""
+    import pickle
+    import time
+    import traceback
+
+    def failure(exc: BaseException, seconds: float) -> tuple[bool, Any, float, str]:
+        tb = "".join(traceback.format_exception(exc))
+        try:
+            pickle.loads(pickle.dumps(exc, protocol=5))
+        except Exception as why:
+            kind = type(exc)
+            return (False, ("gearshift:unpicklable", f"{kind.__module__}.{kind.__qualname__}", str(exc), repr(why)),
+                    seconds, tb)
+        return (False, exc, seconds, tb)
+
+    if init is not None:
+        try:
+            init[0](*init[1])
+        except BaseException as exc:
+            return pickle.dumps([(False, "gearshift:init", 0.0, pickle.dumps(failure(exc, 0.0)[1::2]))], protocol=5)
+    out: list[tuple[bool, Any, float, str]] = []
+    perf = time.perf_counter
+    for item in items:
+        start = perf()
+        try:
+            value = fn(item)
+            if type(value).__name__ == "coroutine":
+                import asyncio
+
+                value = asyncio.run(value)
+        except Exception as exc:
+            out.append(failure(exc, perf() - start))
+        else:
+            out.append((True, value, perf() - start, ""))
+    try:
+        return pickle.dumps(out, protocol=5)
+    except Exception:
+        pass
+    for pos, entry in enumerate(out):  # find the value at fault: it fails alone
+        try:
+            pickle.dumps(entry, protocol=5)
+        except Exception as exc:
+            exc.add_note(f"the result of item {pos} of its batch could not be pickled to be sent back")
+            out[pos] = failure(exc, entry[2])
+    return pickle.dumps(out, protocol=5)
 
 
 def _failure(exc: BaseException) -> tuple[BaseException, str]:

@@ -13,7 +13,7 @@ from typing import Any
 from gearshift._gears import _remote
 from gearshift._gears._base import timeout_outcome
 from gearshift._task import Batch, Done, Outcome, Result
-from gearshift.errors import RemoteTraceback
+from gearshift.errors import RemoteError, RemoteTraceback
 
 
 class RemoteInitError(Exception):
@@ -29,6 +29,8 @@ def unpack(batch: Batch, payload: bytes, timeout: float | None) -> tuple[list[Re
     out: list[tuple[bool, Any, float, Any]] = pickle.loads(payload)
     if len(out) == 1 and not out[0][0] and out[0][1] == "gearshift:init":
         exc, tb = pickle.loads(out[0][3])
+        if isinstance(exc, tuple):  # (UNPICKLABLE, type name, message, reason)
+            exc = RemoteError(exc[1], exc[2], tb, exc[3])
         exc.__cause__ = RemoteTraceback(tb)
         raise RemoteInitError(exc)
     results: list[Result] = []
@@ -44,7 +46,9 @@ def unpack(batch: Batch, payload: bytes, timeout: float | None) -> tuple[list[Re
         if run:
             results.append(Done(batch, first, run, elapsed))
             run = []
-        if value == _remote.TIMED_OUT:
+        if isinstance(value, tuple) and len(value) == 4 and value[0] == _remote.UNPICKLABLE:
+            value = RemoteError(value[1], value[2], tb, value[3])
+        if isinstance(value, str) and value == _remote.TIMED_OUT:
             late += 1
             results.append(timeout_outcome(batch.task(pos), timeout))
             continue

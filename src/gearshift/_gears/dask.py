@@ -42,6 +42,8 @@ class DaskGear(ClusterGear):
     name = "dask"
     #: ~1.5 ms of scheduler time per task: 50 ms of work a batch keeps it near 3%.
     chunk_target = 0.05
+    #: The tail of a run is cut into batches of at least this much work: each task costs ~ms.
+    min_batch_work = 0.01
     crash_errors = ("KilledWorker",)
     costs = GearCosts(
         handoff_per_batch=1.5e-3, batch_work=0.05, startup=1.5, startup_per_worker=0.3, pickles=True,

@@ -30,10 +30,10 @@ from gearshift._calls import fn_name
 from gearshift._cancel import CancelToken
 from gearshift._gears import _remote
 from gearshift._gears._base import GearCosts, cpu_count
-from gearshift._gears._unpack import unpack
+from gearshift._gears._unpack import RemoteInitError, unpack
 from gearshift._gears.thread import ThreadGear
 from gearshift._task import Batch, Outcome, Result, RunSpec, Task
-from gearshift.errors import RemoteTraceback, UnpicklableError
+from gearshift.errors import UnpicklableError
 
 #: The first Python with ``concurrent.interpreters``.
 NEEDS = (3, 14)
@@ -68,13 +68,15 @@ class InterpreterGear(ThreadGear):
     name = "interpreter"
     chunk_target = 0.02
     pickles = True
-    # Measured on 3.14 (2 cores): a crossing ~0.1 ms plus pickling, as fast as processes on 5 ms
-    # CPU tasks, far slower on tiny ones; each interpreter imports the function's modules (and
-    # gearshift) again: ~0.13 s. It ranks after processes, so a tie goes to the gear that
-    # isolates crashes; the advisor measures it (``measure``) when it is in question.
+    # Measured on 3.14 (2 cores): a crossing ~0.1 ms plus pickling; an interpreter starts in ~6 ms
+    # and imports the function's modules again (gearshift itself is not imported there). The advisor
+    # predicts it and shows it, but it runs only when asked for (``on_request``): it gives up the
+    # crash isolation processes give, which the caller must choose knowingly, and on 3.14 its
+    # declared costs beat processes' measured ones (forkserver start-up) in the model, so auto
+    # would pick it for CPU work without having measured it against processes in the run.
     costs = GearCosts(
-        handoff_per_batch=400e-6, batch_work=0.02, startup=0.005, startup_per_worker=0.13, pickles=True,
-        by_reference=True, cpu_parallel="always", max_workers_per_core=1, tie_rank=40, measure=True,
+        handoff_per_batch=400e-6, batch_work=0.02, startup=0.005, startup_per_worker=0.01, reimports=True, pickles=True,
+        by_reference=True, on_request=True, cpu_parallel="always", max_workers_per_core=1, tie_rank=40, measure=True,
         label="sub-interpreters",
     )
 
@@ -111,11 +113,11 @@ class InterpreterGear(ThreadGear):
         self._local.interp = interp
         interp.call(_remote.set_path, list(sys.path))
         if spec.initializer is not None:
-            failed = interp.call(_remote.initialize, spec.initializer, tuple(spec.initargs))
-            if failed is not None:
-                exc, tb = pickle.loads(failed)
-                exc.__cause__ = RemoteTraceback(tb)
-                raise exc
+            payload = interp.call(_remote.interp_run_batch, len, [], (spec.initializer, tuple(spec.initargs)))
+            try:
+                unpack(Batch(len, []), payload, None)
+            except RemoteInitError as failed:
+                raise failed.exc from failed.exc.__cause__
 
     def _leave_worker(self) -> None:
         interp = getattr(self._local, "interp", None)
@@ -125,7 +127,7 @@ class InterpreterGear(ThreadGear):
 
     def _payload(self, fn: Callable[[Any], Any], items: list[Any]) -> bytes:
         try:
-            payload: bytes = self._local.interp.call(_remote.run_batch, fn, items)
+            payload: bytes = self._local.interp.call(_remote.interp_run_batch, fn, items)
         except Exception as exc:  # an item that cannot be shared in: the batch's items fail with the error
             payload = pickle.dumps([(False, exc, 0.0, "")] * len(items), protocol=5)
         return payload
