@@ -1,0 +1,46 @@
+"""Workloads the experiments run, at module level so that worker processes can import them."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+
+def cpu_work(n: int) -> int:
+    """Pure-Python arithmetic: holds the GIL the whole time."""
+    total = 0
+    for i in range(n):
+        total += i * i % 7
+    return total
+
+
+def xorshift(n: int) -> int:
+    """The compiled kernel's loop in Python (64-bit xorshift), to check both compute the same."""
+    mask = 0xFFFFFFFFFFFFFFFF
+    x = 88172645463325252
+    for _ in range(n):
+        x ^= (x << 13) & mask
+        x ^= x >> 7
+        x ^= (x << 17) & mask
+    return x
+
+
+def noop() -> None:
+    """A process or thread that does nothing: what remains is the cost of starting it."""
+
+
+def ignore_sigint() -> None:
+    """Worker initializer: Ctrl-C is the parent's to handle; it then closes its pool."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def calibrate(seconds: float) -> int:
+    """Rounds of ``cpu_work`` that take about ``seconds`` here (measured, so sizes fit the machine)."""
+    n = 20_000
+    while True:
+        start = time.perf_counter()
+        cpu_work(n)
+        took = time.perf_counter() - start
+        if took > 0.01:
+            return max(1000, int(n * seconds / took))
+        n *= 4
