@@ -25,6 +25,7 @@ from gearshift._gears import (
     register_gear,
 )
 from gearshift._gears.auto import AutoGear  # importing it registers gear="auto"
+from gearshift._lab import Finding, LabReport, lab
 from gearshift._pipeline_report import PipelineReport, StageReport
 from gearshift._retry import Retry
 from gearshift._task import Batch, Done, Outcome, RunSpec
@@ -62,11 +63,13 @@ __all__ = [
     "Failure",
     "FetchRefused",
     "FetchReport",
+    "Finding",
     "Gear",
     "GearCosts",
     "GearLoadError",
     "GearshiftError",
     "InitializerError",
+    "LabReport",
     "Outcome",
     "Pipeline",
     "PipelineIterator",
@@ -97,6 +100,7 @@ __all__ = [
     "cancelled",
     "fetch",
     "imap",
+    "lab",
     "map",
     "register_gear",
 ]

@@ -56,11 +56,12 @@ class LabReport:
             "claims": [f.to_json() for f in self.findings],
         }
 
-    def finding(self, id: str) -> Finding:
+    def finding(self, claim_id: str) -> Finding:
+        """The finding for one claim, by its id."""
         for f in self.findings:
-            if f.id == id:
+            if f.id == claim_id:
                 return f
-        raise KeyError(id)
+        raise KeyError(claim_id)
 
 
 def lab(only: Iterable[str] | None = None, size: LabSize = "quick", *,

@@ -235,13 +235,13 @@ class Experiment:
 REGISTRY: dict[str, Experiment] = {}
 
 
-def experiment(id: str, claim: str) -> Callable[[Callable[[Context], Finding]], Callable[[Context], Finding]]:
-    """Register ``fn`` as the experiment for the claim ``id`` (the order of registration is the table's)."""
+def experiment(claim_id: str, claim: str) -> Callable[[Callable[[Context], Finding]], Callable[[Context], Finding]]:
+    """Register the decorated function as the experiment for ``claim_id``, a claim in the notes' words."""
 
     def register(fn: Callable[[Context], Finding]) -> Callable[[Context], Finding]:
-        if id in REGISTRY:
-            raise ValueError(f"experiment {id!r} registered twice")
-        REGISTRY[id] = Experiment(id, claim, fn)
+        if claim_id in REGISTRY:
+            raise ValueError(f"experiment {claim_id!r} registered twice")
+        REGISTRY[claim_id] = Experiment(claim_id, claim, fn)
         return fn
 
     return register

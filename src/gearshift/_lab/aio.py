@@ -298,11 +298,15 @@ async def _left_by_gather(n: int) -> int:
 @experiment("task-groups", "Task groups (or gather) run tasks without tracking them by hand; no need for trio")
 def task_groups(ctx: Context) -> Finding:
     n = ctx.size.n(2000, 100)
-    group_t, gather_t, cancel_t, cancelled, left = [], [], [], [], []
+    group_t: list[float] = []
+    gather_t: list[float] = []
+    cancel_t: list[float] = []
+    cancelled: list[int] = []
+    left: list[int] = []
     for i in range(ctx.repeats):
         runs = [(group_t, _group_run), (gather_t, _gather_run)]
         for times, fn in runs if i % 2 == 0 else runs[::-1]:
-            times.append(timed(lambda f=fn: asyncio.run(f(n))))
+            times.append(timed(lambda: asyncio.run(fn(n))))  # noqa: B023 - called at once
         took, count = asyncio.run(_cancel_in_group(n))
         cancel_t.append(took * 1000)
         cancelled.append(count)

@@ -142,7 +142,11 @@ def upper_bound(ctx: Context) -> Finding:
                     speedups[w].append(1.0)
                     continue
                 pool = pools[w]
-                took = timed(lambda p=pool: (cpu_work(n_serial), list(p.map(cpu_work, [n_chunk] * chunks))))
+                def job(p: ProcessPoolExecutor = pool) -> None:
+                    cpu_work(n_serial)
+                    list(p.map(cpu_work, [n_chunk] * chunks))
+
+                took = timed(job)
                 speedups[w].append(base / took)
     finally:
         for pool in pools.values():
@@ -190,7 +194,8 @@ def process_pool_claim(ctx: Context) -> Finding:
     n = calibrate(0.02 * ctx.size.factor)
     tasks = [n] * (4 * w)
     expected = [cpu_work(n)] * len(tasks)
-    pool_t, exec_t = [], []
+    pool_t: list[float] = []
+    exec_t: list[float] = []
     for i in range(ctx.repeats):
         runs: list[tuple[list[float], Callable[[int, list[int]], list[int]]]] = [
             (pool_t, _mp_pool_run), (exec_t, _executor_run)]
@@ -254,7 +259,8 @@ def process_cost(ctx: Context) -> Finding:
     per: dict[str, list[float]] = {k: [] for k in counts}
     for _ in range(ctx.repeats):
         for kind, count in counts.items():
-            per[kind].append(timed(lambda k=kind, c=count: fns[k](c)) / count * 1e6)
+            fn = fns[kind]
+            per[kind].append(timed(lambda: fn(count)) / count * 1e6)  # noqa: B023 - called at once
     p, t, k = (q(f"start+join a {kind}", "us", per[kind]) for kind in ("process", "thread", "task"))
     heavy, light = Effect.ratio(p, t), Effect.ratio(t, k)
     verdict = combine([judge(heavy, 1.0, "above"), judge(light, 1.0, "above")])

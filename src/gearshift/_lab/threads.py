@@ -13,7 +13,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from gearshift._lab._core import Context, Effect, Finding, combine, experiment, fmt, judge, q
+from gearshift._lab._core import Context, Effect, Finding, Verdict, combine, experiment, fmt, judge, q
 from gearshift._lab._work import noop
 from gearshift._lab.cpu import timed
 
@@ -28,10 +28,14 @@ def threads_for_io(ctx: Context) -> Finding:
     async def waits() -> None:
         await asyncio.gather(*(asyncio.sleep(wait) for _ in range(count)))
 
+    def one_at_a_time() -> None:
+        for _ in range(count):
+            time.sleep(wait)
+
     serial, threads, tasks = [], [], []
     with ThreadPoolExecutor(count) as pool:
         for _ in range(ctx.repeats):
-            serial.append(timed(lambda: [time.sleep(wait) for _ in range(count)]))
+            serial.append(timed(one_at_a_time))
             threads.append(timed(lambda: list(pool.map(time.sleep, [wait] * count))))
             tasks.append(timed(lambda: asyncio.run(waits())))
     s, t, a = q("serial", "s", serial), q(f"{count} threads", "s", threads), q(f"{count} tasks", "s", tasks)
@@ -87,7 +91,7 @@ def daemon_threads(ctx: Context) -> Finding:
     n = ctx.repeats
     cut_off = cleaned["daemon"] == 0
     finished = cleaned["joined"] == n
-    verdict = "holds" if cut_off and finished else "does not hold" if cleaned["daemon"] == n else "depends"
+    verdict: Verdict = "holds" if cut_off and finished else "does not hold" if cleaned["daemon"] == n else "depends"
     return ctx.finding(
         verdict,
         [q("daemon thread cleaned up", "of runs", cleaned["daemon"]),
@@ -246,7 +250,7 @@ def locks(ctx: Context) -> Finding:
     lo, rl = q("Lock acquire+release", "ns", cost["Lock"]), q("RLock acquire+release", "ns", cost["RLock"])
     cheaper = Effect.ratio(rl, lo)
     total = threads * times
-    verdict = "holds" if max(lost) > 0 else "depends"
+    verdict: Verdict = "holds" if max(lost) > 0 else "depends"
     why = ("" if min(lost) > 0 else "; some runs lost none: threads switch only every few ms here, so the race "
            "is rarer in short runs, not absent")
     return ctx.finding(
