@@ -145,7 +145,7 @@ class Size:
         return max(minimum, int(base * self.factor))
 
 
-SIZES = {"smallest": Size("smallest", 0.05, 2), "quick": Size("quick", 1.0, 3), "full": Size("full", 3.0, 5)}
+SIZES = {"smallest": Size("smallest", 0.05, 2), "quick": Size("quick", 1.0, 5), "full": Size("full", 3.0, 7)}
 
 
 @dataclass(frozen=True)

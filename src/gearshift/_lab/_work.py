@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.pool
 import signal
+import threading
 import time
 
 
@@ -32,6 +35,29 @@ def noop() -> None:
 def ignore_sigint() -> None:
     """Worker initializer: Ctrl-C is the parent's to handle; it then closes its pool."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def start_mp_pool(workers: int) -> multiprocessing.pool.Pool:
+    """``multiprocessing.Pool(workers)``, with Ctrl-C held until it has started.
+
+    A Ctrl-C inside ``Pool()`` leaves a half-made pool nobody can close: at exit its workers
+    are killed while its own thread still replaces exited workers, and the replacement,
+    forked too late, is stranded without a parent. So the interrupt waits for the pool to
+    exist and is then raised here, where the caller's ``try`` closes it.
+    """
+    held: list[int] = []
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum)) if main else None
+    try:
+        pool = multiprocessing.Pool(workers, initializer=ignore_sigint)
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+    if held:
+        pool.terminate()
+        pool.join()
+        raise KeyboardInterrupt
+    return pool
 
 
 def calibrate(seconds: float) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -18,16 +19,26 @@ from gearshift._lab.cpu import SAME_SPEED, timed
 _WAITS = {"smallest": 200, "quick": 3000, "full": 10_000}
 
 
-def _peak_rss_kib() -> float | None:
+def _rss_kib() -> float | None:
+    """Resident memory now (Linux), else the peak so far; None where neither can be read (Windows).
+
+    Not the peak on Linux: a process's peak survives exec, so a child started by a big parent
+    would begin with the parent's peak and hide what it adds.
+    """
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024
+    except (OSError, ValueError, IndexError, AttributeError):
+        pass
     try:
         import resource
-    except ImportError:  # Windows
+    except ImportError:
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1024 if sys.platform == "darwin" else float(peak)
 
 
-def _threads_wait(n: int) -> tuple[int, float]:
+def _threads_wait(n: int, at_peak: Callable[[], None]) -> tuple[int, float]:
     """``n`` threads all waiting at once; returns how many started (the OS may refuse some) and the seconds."""
     release, all_in = threading.Event(), threading.Event()
     lock, waiting = threading.Lock(), [0]
@@ -51,6 +62,7 @@ def _threads_wait(n: int) -> tuple[int, float]:
             threads.append(t)
         if len(threads) == n:
             all_in.wait(60)
+        at_peak()
     finally:
         release.set()
         for t in threads:
@@ -58,11 +70,12 @@ def _threads_wait(n: int) -> tuple[int, float]:
     return len(threads), time.perf_counter() - start
 
 
-def _tasks_wait(n: int) -> tuple[int, float]:
+def _tasks_wait(n: int, at_peak: Callable[[], None]) -> tuple[int, float]:
     async def main() -> int:
         release = asyncio.Event()
         tasks = [asyncio.create_task(release.wait()) for _ in range(n)]
         await asyncio.sleep(0)  # every task has started and waits now
+        at_peak()
         release.set()
         await asyncio.gather(*tasks)
         return len(tasks)
@@ -75,9 +88,14 @@ def _tasks_wait(n: int) -> tuple[int, float]:
 def probe_main() -> None:
     """Run in a fresh interpreter: ``kind n`` -> JSON of started, seconds and the peak memory it added."""
     kind, n = sys.argv[1], int(sys.argv[2])
-    before = _peak_rss_kib()
-    started, took = (_threads_wait if kind == "threads" else _tasks_wait)(n)
-    after = _peak_rss_kib()
+    before = _rss_kib()
+    peak: list[float | None] = [None]
+
+    def at_peak() -> None:
+        peak[0] = _rss_kib()
+
+    started, took = (_threads_wait if kind == "threads" else _tasks_wait)(n, at_peak)
+    after = peak[0]
     added = None if before is None or after is None else max(0.0, after - before)
     print(json.dumps({"started": started, "seconds": took, "kib": added}))
 

@@ -22,7 +22,7 @@ from gearshift._lab._core import (
     judge,
     q,
 )
-from gearshift._lab._work import calibrate, cpu_work, ignore_sigint, noop
+from gearshift._lab._work import calibrate, cpu_work, ignore_sigint, noop, start_mp_pool
 
 #: Threads "do not speed up" CPU work when they gain less than this (measured gains under the GIL: ~1.0x).
 NO_REAL_SPEEDUP = 1.15
@@ -170,15 +170,15 @@ def upper_bound(ctx: Context) -> Finding:
 
 
 def _mp_pool_run(workers: int, tasks: list[int]) -> list[int]:
-    """The notes' recipe: Pool(), apply_async, close, join, get."""
-    pool = multiprocessing.Pool(workers, initializer=ignore_sigint)
+    """The notes' recipe: Pool(), apply_async, close, join, get; on Ctrl-C, terminate and join."""
+    pool = start_mp_pool(workers)
     try:
         handles = [pool.apply_async(cpu_work, (t,)) for t in tasks]
         pool.close()
         pool.join()
         return [h.get() for h in handles]
     finally:
-        pool.terminate()
+        pool.terminate()  # a no-op after join; after Ctrl-C it stops the workers
         pool.join()
 
 

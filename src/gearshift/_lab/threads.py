@@ -324,11 +324,13 @@ def fine_grained_locks(ctx: Context) -> Finding:
     gain = Effect.ratio(f, c)  # throughputs, so this is fine / coarse
     extra = Effect(gain.value - 1, gain.noise)
     verdict = judge(extra, MINIMAL_GAIN, "below")
+    why = ("; with so little work per transfer the one lock is the bottleneck: a thread switched out while "
+           "holding it (likely at the GIL's switch) stalls all others" if verdict == "does not hold" else "")
     return ctx.finding(
         verdict, [c, f, q("fine / coarse throughput", "x", gain.value)],
         f"{threads} threads x {transfers:,} transfers among {accounts} accounts (total balance checked after "
         f"each run): a lock per account gave {gain.value:.2f}x the throughput of one lock (minimal: under "
-        f"+{MINIMAL_GAIN:.0%})",
+        f"+{MINIMAL_GAIN:.0%}){why}",
         "start with one coarse lock; split it only where a measurement shows contention (and never with the GIL "
         "as the real bottleneck)",
         gain,
