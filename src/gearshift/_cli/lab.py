@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+import signal
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import click
 
 from gearshift._lab import LabReport, LabSize, claim_ids, lab
 from gearshift._lab._core import REGISTRY, Finding, this_machine
+from gearshift._lab._work import Terminated
 from gearshift._lab.report import json_text, write_html
 
 
@@ -47,11 +51,22 @@ def run_lab(ids: list[str] | None, size: LabSize, json_path: str | None, html_pa
 
     progress(f"gearshift lab: {total} claims, {size} run on {machine.cores} cores (Ctrl-C stops it; what was "
              "measured is kept)")
+    code = 0
+
+    def terminated(signum: int, frame: Any) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminated)
     try:
         report = lab(ids, size, progress=progress, on_finding=found.append, machine=machine)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the experiment cleaned up; keep what was found
         interrupted = True
+        code = 143 if isinstance(exc, Terminated) else 130
         report = LabReport(machine, size, found, interrupted=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if json_path == "-":
+        echo = functools.partial(click.echo, err=True)  # stdout is the JSON's
     echo(str(report))
     if json_path is not None:
         text = json_text(report)
@@ -65,6 +80,6 @@ def run_lab(ids: list[str] | None, size: LabSize, json_path: str | None, html_pa
         write_html(report, html_path)
         echo(f"html: {html_path}")
     if interrupted:
-        click.echo("gearshift lab: interrupted; the table holds the claims measured before it", err=True)
-        return 130
-    return 0
+        what = "terminated" if code == 143 else "interrupted"
+        click.echo(f"gearshift lab: {what}; the table holds the claims measured before it", err=True)
+    return code

@@ -218,11 +218,11 @@ class Context:
 
 
     def finding(self, verdict: Verdict, measured: list[Quantity], explanation: str, meaning: str,
-                *effects: Effect, plot: dict[str, Any] | None = None) -> Finding:
+                *effects: Effect, plot: dict[str, Any] | None = None, repeats: int | None = None) -> Finding:
         """This experiment's Finding: its id, claim and repeats filled in, the noise from its effects."""
+        n = self.repeats if repeats is None else repeats
         return Finding(id=self.id, claim=self.claim, verdict=verdict, measured=measured, explanation=explanation,
-                       meaning=meaning, repeats=self.repeats, noise=noise_text(self.repeats, *effects),
-                       plot=plot or {})
+                       meaning=meaning, repeats=n, noise=noise_text(n, *effects), plot=plot or {})
 
 
 @dataclass(frozen=True)

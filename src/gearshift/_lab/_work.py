@@ -37,26 +37,32 @@ def ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every experiment cleans up the same way on either."""
+
+
 def start_mp_pool(workers: int) -> multiprocessing.pool.Pool:
-    """``multiprocessing.Pool(workers)``, with Ctrl-C held until it has started.
+    """``multiprocessing.Pool(workers)``, with Ctrl-C (and SIGTERM) held until it has started.
 
     A Ctrl-C inside ``Pool()`` leaves a half-made pool nobody can close: at exit its workers
     are killed while its own thread still replaces exited workers, and the replacement,
-    forked too late, is stranded without a parent. So the interrupt waits for the pool to
-    exist and is then raised here, where the caller's ``try`` closes it.
+    forked too late, is stranded without a parent. So the signal waits for the pool to
+    exist, which is then closed here, and the signal delivered again.
     """
     held: list[int] = []
     main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum)) if main else None
+    signums = (signal.SIGINT, signal.SIGTERM)
+    previous = [signal.signal(s, lambda signum, frame: held.append(signum)) for s in signums] if main else []
     try:
         pool = multiprocessing.Pool(workers, initializer=ignore_sigint)
     finally:
-        if main:
-            signal.signal(signal.SIGINT, previous)
+        for s, handler in zip(signums, previous, strict=False):
+            signal.signal(s, handler)
     if held:
         pool.terminate()
         pool.join()
-        raise KeyboardInterrupt
+        signal.raise_signal(held[0])  # its own handler runs now (KeyboardInterrupt, Terminated...)
+        raise KeyboardInterrupt  # if that handler did not raise, stop anyway: we were asked to
     return pool
 
 

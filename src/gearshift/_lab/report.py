@@ -87,6 +87,8 @@ def _bars(ax: Any, items: list[Quantity], unit: str) -> None:
     ax.set_xlabel(unit or "ratio", fontsize=8)
     ax.invert_yaxis()
     ax.grid(True, axis="x", alpha=0.3)
+    if unit == "x":  # ratios: the line where neither side wins
+        ax.axvline(1.0, color="#c62828", linewidth=1, linestyle="--")
     if medians and min(medians) > 0 and max(medians) / min(medians) > 100:
         ax.set_xscale("log")
 
