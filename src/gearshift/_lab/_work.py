@@ -7,6 +7,8 @@ import multiprocessing.pool
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 def cpu_work(n: int) -> int:
@@ -32,37 +34,66 @@ def noop() -> None:
     """A process or thread that does nothing: what remains is the cost of starting it."""
 
 
+_STOPS = {signal.SIGINT, signal.SIGTERM}
+
+
 def ignore_sigint() -> None:
-    """Worker initializer: Ctrl-C is the parent's to handle; it then closes its pool."""
+    """Worker initializer: Ctrl-C is the parent's to handle (it then closes its pool); SIGTERM kills.
+
+    A worker is forked with its parent's Python handlers, and maybe with these signals
+    blocked (``start_mp_pool``): reset the handlers first, then unblock.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)
 
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that every experiment cleans up the same way on either."""
 
 
-def start_mp_pool(workers: int) -> multiprocessing.pool.Pool:
-    """``multiprocessing.Pool(workers)``, with Ctrl-C (and SIGTERM) held until it has started.
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM while processes are forked, and deliver them when the block ends.
 
-    A Ctrl-C inside ``Pool()`` leaves a half-made pool nobody can close: at exit its workers
-    are killed while its own thread still replaces exited workers, and the replacement,
-    forked too late, is stranded without a parent. So the signal waits for the pool to
-    exist, which is then closed here, and the signal delivered again.
+    Forking is where an interrupt does harm. A KeyboardInterrupt raised in an at-fork hook
+    is printed and dropped by CPython (the Ctrl-C is lost); one raised inside ``Pool()``
+    leaves a half-made pool nobody can close, whose own thread forks a replacement worker
+    after atexit killed the others, and strands it. The signals are also blocked, so that a
+    child forked meanwhile cannot take one into the recording handler (which would swallow
+    it): the child resets its handlers, then unblocks (``ignore_sigint``).
     """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     held: list[int] = []
-    main = threading.current_thread() is threading.main_thread()
     signums = (signal.SIGINT, signal.SIGTERM)
-    previous = [signal.signal(s, lambda signum, frame: held.append(signum)) for s in signums] if main else []
+    previous = [signal.signal(s, lambda signum, frame: held.append(signum)) for s in signums]
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS) if hasattr(signal, "pthread_sigmask") else None
     try:
-        pool = multiprocessing.Pool(workers, initializer=ignore_sigint)
+        yield
     finally:
-        for s, handler in zip(signums, previous, strict=False):
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a pending signal lands in ``held`` now
+        for s, handler in zip(signums, previous, strict=True):
             signal.signal(s, handler)
     if held:
-        pool.terminate()
-        pool.join()
         signal.raise_signal(held[0])  # its own handler runs now (KeyboardInterrupt, Terminated...)
         raise KeyboardInterrupt  # if that handler did not raise, stop anyway: we were asked to
+
+
+def start_mp_pool(workers: int) -> multiprocessing.pool.Pool:
+    """``multiprocessing.Pool(workers)``, started with signals held; closed again if one came meanwhile."""
+    pool: multiprocessing.pool.Pool | None = None
+    try:
+        with signals_held():
+            pool = multiprocessing.Pool(workers, initializer=ignore_sigint)
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        raise
     return pool
 
 

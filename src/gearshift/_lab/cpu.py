@@ -22,7 +22,7 @@ from gearshift._lab._core import (
     judge,
     q,
 )
-from gearshift._lab._work import calibrate, cpu_work, ignore_sigint, noop, start_mp_pool
+from gearshift._lab._work import calibrate, cpu_work, ignore_sigint, noop, signals_held, start_mp_pool
 
 #: Threads "do not speed up" CPU work when they gain less than this (measured gains under the GIL: ~1.0x).
 NO_REAL_SPEEDUP = 1.15
@@ -40,7 +40,10 @@ def process_pool(workers: int) -> ProcessPoolExecutor:
     """A warm pool of the default start method whose workers leave Ctrl-C to the parent."""
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(), initializer=ignore_sigint)
     try:
-        list(pool.map(cpu_work, [20_000] * workers))  # start every worker before anything is timed
+        with signals_held():  # the workers are forked by these first submits
+            warm = [pool.submit(cpu_work, 20_000) for _ in range(workers)]
+        for f in warm:  # every worker started before anything is timed
+            f.result()
     except BaseException:
         pool.shutdown(cancel_futures=True)
         raise
@@ -184,7 +187,8 @@ def _mp_pool_run(workers: int, tasks: list[int]) -> list[int]:
 
 def _executor_run(workers: int, tasks: list[int]) -> list[int]:
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(), initializer=ignore_sigint) as ex:
-        futures = [ex.submit(cpu_work, t) for t in tasks]
+        with signals_held():  # the workers are forked by the first submits
+            futures = [ex.submit(cpu_work, t) for t in tasks]
         return [f.result() for f in futures]
 
 
@@ -222,8 +226,9 @@ def _start_processes(count: int) -> None:
     ctx = multiprocessing.get_context()
     procs = [ctx.Process(target=noop) for _ in range(count)]
     try:
-        for p in procs:
-            p.start()
+        with signals_held():
+            for p in procs:
+                p.start()
     finally:
         for p in procs:
             if p.pid is not None:
