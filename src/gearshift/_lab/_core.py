@@ -58,6 +58,11 @@ class Effect:
 
     value: float
     noise: float
+    values: tuple[float, ...] = ()  # the per-repeat ratios behind ``value``, when paired
+
+    def q(self, name: str) -> Quantity:
+        """The effect as a measured ratio ("x"), with its per-repeat values where there are some."""
+        return Quantity(name, "x", self.values or (self.value,))
 
     @staticmethod
     def ratio(slow: Quantity, fast: Quantity) -> Effect:
@@ -70,7 +75,7 @@ class Effect:
         if len(slow.values) == len(fast.values) and len(slow.values) >= 2 and all(fast.values):
             ratios = [s / f for s, f in zip(slow.values, fast.values, strict=True)]
             med = statistics.median(ratios)
-            return Effect(med, (max(ratios) - min(ratios)) / 2)
+            return Effect(med, (max(ratios) - min(ratios)) / 2, tuple(ratios))
         med = slow.median / fast.median if fast.median else float("inf")
         return Effect(med, med * (slow.spread + fast.spread))
 
@@ -258,6 +263,9 @@ def fmt(x: float, unit: str = "") -> str:
     """A number in 3 significant figures with its unit."""
     if x != x:
         return "n/a"
-    text = f"{x:.3g}" if abs(x) < 1e5 else f"{x:,.0f}"
+    if x == int(x) and abs(x) < 1e12:
+        text = f"{int(x):,}"
+    else:
+        text = f"{x:.3g}" if abs(x) < 1e5 else f"{x:,.0f}"
     return f"{text} {unit}".strip() if unit else text
 

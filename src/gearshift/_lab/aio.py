@@ -125,7 +125,7 @@ def async_vs_threads(ctx: Context) -> Finding:
             a_mem.append(ta["kib"] / n)
     tt, at = q("thread: start, wait, join", "us/wait", t_time), q("task: create, wait, finish", "us/wait", a_time)
     faster = Effect.ratio(tt, at)
-    measured = [tt, at, q("time: thread / task", "x", faster.value)]
+    measured = [tt, at, faster.q("time: thread / task")]
     parts = [judge(faster, 1.0, "above")]
     effects = [faster]
     memory = ""
@@ -228,8 +228,8 @@ def event_loop(ctx: Context) -> Finding:
     if "uvloop" in loops:
         switch_gain = Effect.ratio(q("", "", sw["uvloop"]), q("", "", sw["asyncio"]))
         io_gain = Effect.ratio(q("", "", io["uvloop"]), q("", "", io["asyncio"]))
-        measured += [q("uvloop / asyncio: switches", "x", switch_gain.value),
-                     q("uvloop / asyncio: socket I/O", "x", io_gain.value)]
+        measured += [switch_gain.q("uvloop / asyncio: switches"),
+                     io_gain.q("uvloop / asyncio: socket I/O")]
     verdict, said = judge_event_loop(ctx.machine, switch_gain, io_gain)
     base = (f"asyncio: {fmt(measured[0].median)} switches/s, {fmt(q('', '', io['asyncio']).median)} "
             f"socket messages/s")
@@ -337,7 +337,7 @@ def task_groups(ctx: Context) -> Finding:
     verdict = combine([same, "holds" if all_cancelled else "does not hold"])
     return ctx.finding(
         verdict,
-        [g, a, q("TaskGroup / gather time", "x", ratio.value), q("group: error to all cancelled", "ms", cancel_t),
+        [g, a, ratio.q("TaskGroup / gather time"), q("group: error to all cancelled", "ms", cancel_t),
          q("siblings cancelled by the group", "tasks", cancelled), q("siblings left running by gather", "tasks", left)],
         f"{n:,} tasks: TaskGroup {fmt(g.median, 's')} vs gather {fmt(a.median, 's')} ({ratio.value:.2f}x); on an "
         f"error the group cancelled {min(cancelled):,}/{n - 1:,} siblings in {fmt(q('', '', cancel_t).median, 'ms')}, "
@@ -435,7 +435,7 @@ def to_thread(ctx: Context) -> Finding:
     d, v = q("loop lag, blocking call inline", "ms", direct), q("loop lag, via to_thread", "ms", via)
     gain = Effect.ratio(d, v)
     return ctx.finding(
-        judge(gain, 1.0, "above"), [d, v, q("inline / to_thread lag", "x", gain.value)],
+        judge(gain, 1.0, "above"), [d, v, gain.q("inline / to_thread lag")],
         f"a {block * 1000:.0f} ms blocking call: the loop stalled {fmt(d.median, 'ms')} inline, "
         f"{fmt(v.median, 'ms')} through to_thread",
         "never call blocking functions inside async code: await asyncio.to_thread(fn) (gearshift's async gear does)",

@@ -71,7 +71,7 @@ def processes_for_cpu(ctx: Context) -> Finding:
     proc_gain, thread_gain = Effect.ratio(s, p), Effect.ratio(s, t)
     verdict, explanation = judge_processes_for_cpu(ctx.machine, proc_gain, thread_gain)
     return ctx.finding(
-        verdict, [s, t, p, q("process speedup", "x", proc_gain.value), q("thread speedup", "x", thread_gain.value)],
+        verdict, [s, t, p, proc_gain.q("process speedup"), thread_gain.q("thread speedup")],
         f"{count} pure-Python tasks on {ctx.workers} workers: " + explanation,
         "pure-Python CPU work: processes (gear='process'); threads only wait their turn for the GIL",
         proc_gain, thread_gain,
@@ -102,7 +102,7 @@ def free_threading(ctx: Context) -> Finding:
     gain = Effect.ratio(s, t)
     verdict, explanation = judge_free_threading(ctx.machine, gain)
     return ctx.finding(
-        verdict, [s, t, q("thread speedup", "x", gain.value)], explanation,
+        verdict, [s, t, gain.q("thread speedup")], explanation,
         ("threads run Python code in parallel here: gear='thread' serves CPU work without pickling"
          if not ctx.machine.gil_enabled else "with the GIL, CPU work needs processes (or code that releases the GIL)"),
         gain,
@@ -214,7 +214,7 @@ def process_pool_claim(ctx: Context) -> Finding:
     verdict = judge(diff, SAME_SPEED, "below")
     faster = "ProcessPoolExecutor" if ratio.value > 1 else "multiprocessing.Pool"
     return ctx.finding(
-        verdict, [a, b, q("Pool time / Executor time", "x", ratio.value)],
+        verdict, [a, b, ratio.q("Pool time / Executor time")],
         (f"{len(tasks)} CPU tasks on {w} processes, pool start to results: {faster} faster by "
                      f"{abs(ratio.value - 1):.0%} (same speed: within {SAME_SPEED:.0%} beyond the noise)"),
         "pick the API you like (or gs.Pool / gs.ProcessPoolExecutor): the processes do the work",
@@ -270,7 +270,7 @@ def process_cost(ctx: Context) -> Finding:
     heavy, light = Effect.ratio(p, t), Effect.ratio(t, k)
     verdict = combine([judge(heavy, 1.0, "above"), judge(light, 1.0, "above")])
     return ctx.finding(
-        verdict, [p, t, k, q("process / thread", "x", heavy.value), q("thread / task", "x", light.value)],
+        verdict, [p, t, k, heavy.q("process / thread"), light.q("thread / task")],
         (f"start and finish ({ctx.machine.start_method}): a process {fmt(p.median, 'us')}, a thread "
                      f"{fmt(t.median, 'us')}, a task {fmt(k.median, 'us')}: a process costs {heavy.value:.0f} "
                      f"threads, a thread {light.value:.0f} tasks"),

@@ -121,8 +121,8 @@ def compiled_kernel(ctx: Context) -> Finding:
     parts.append(judge(scale, 1.0, "above") if ctx.machine.cores > 1 else "not measurable here")
     return ctx.finding(
         combine(parts),
-        [p, c, q("Cython / Python speed", "x", faster.value), s, g, f,
-         q("nogil thread speedup", "x", scale.value), q("GIL-holding thread speedup", "x", held.value),
+        [p, c, faster.q("Cython / Python speed"), s, g, f,
+         scale.q("nogil thread speedup"), held.q("GIL-holding thread speedup"),
          q("compile time", "s", compile_s)],
         f"the same xorshift loop: Cython {faster.value:.0f}x faster than Python per round; {w} threads gave "
         f"{scale.value:.2f}x with nogil, {held.value:.2f}x holding the GIL (compiled here in {compile_s:.1f}s)",
@@ -185,7 +185,7 @@ def aiofiles_claim(ctx: Context) -> Finding:
     bt, at = q("blocking writes", "s", block_t), q("aiofiles writes", "s", aio_t)
     freer, cost = Effect.ratio(bl, al), Effect.ratio(at, bt)
     return ctx.finding(
-        judge(freer, 1.0, "above"), [bl, al, bt, at, q("aiofiles time / blocking time", "x", cost.value)],
+        judge(freer, 1.0, "above"), [bl, al, bt, at, cost.q("aiofiles time / blocking time")],
         f"{count} files of {size // 1024} KiB written inside async code: the loop stalled up to "
         f"{fmt(bl.median, 'ms')} with blocking writes, {fmt(al.median, 'ms')} with aiofiles, which took "
         f"{cost.value:.2f}x the time",
@@ -292,7 +292,7 @@ def http_clients(ctx: Context) -> Finding:
     said = ", ".join(f"{name} {e.value:.1f}x" for name, e in effects.items())
     threaded = Effect.ratio(rates[1], serial)
     return ctx.finding(
-        combine(parts), [*rates, *(q(f"{n} / requests", "x", e.value) for n, e in effects.items())],
+        combine(parts), [*rates, *(e.q(f"{n} / requests") for n, e in effects.items())],
         f"{count} GETs from a local server answering in {delay * 1000:.0f} ms, {limit} at once: {said} the rate of "
         f"requests one at a time ({fmt(serial.median, 'requests/s')}); requests in {limit} threads "
         f"{threaded.value:.1f}x",

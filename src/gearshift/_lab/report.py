@@ -15,6 +15,7 @@ from gearshift._lab._core import VERDICTS, Finding, Quantity, fmt
 if TYPE_CHECKING:
     from gearshift._lab import LabReport
 
+PM = "\u00b1"
 COLOURS = {"holds": "#2e7d32", "does not hold": "#c62828", "depends": "#ef6c00", "not measurable here": "#616161"}
 
 
@@ -148,14 +149,15 @@ def html_page(report: LabReport) -> str:
         measured = "".join(
             f"<tr><td>{e(m.name)}</td><td>{e(fmt(m.median, m.unit))}</td>"
             f"<td>{e(', '.join(fmt(v) for v in m.values))}</td>"
-            f"<td>{'' if len(m.values) < 2 else f'+-{m.spread:.0%}'}</td></tr>"
+            f"<td>{'' if len(m.values) < 2 else f'{PM}{m.spread:.0%}'}</td></tr>"
             for m in f.measured)
         png = base64.b64encode(plot_png(f)).decode("ascii")
+        noise = f.noise.replace("+-", PM)
         sections.append(f"""
 <section id="{e(f.id)}">
   <h2>{e(f.id)} {badge}</h2>
   <p class="claim">&ldquo;{e(f.claim)}&rdquo;</p>
-  <p><b>Measured:</b> {e(f.explanation)} <span class="noise">({e(f.noise)}, {f.seconds:.1f}s)</span></p>
+  <p><b>Measured:</b> {e(f.explanation)} <span class="noise">({e(noise)}, {f.seconds:.1f}s)</span></p>
   <p><b>What it means:</b> {e(f.meaning)}</p>
   <img alt="plot of {e(f.id)}" src="data:image/png;base64,{png}">
   <table class="m"><tr><th>quantity</th><th>median</th><th>repeats</th><th>spread</th></tr>{measured}</table>

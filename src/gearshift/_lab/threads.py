@@ -42,7 +42,7 @@ def threads_for_io(ctx: Context) -> Finding:
     tg, ag = Effect.ratio(s, t), Effect.ratio(s, a)
     return ctx.finding(
         combine([judge(tg, 1.0, "above"), judge(ag, 1.0, "above")]),
-        [s, t, a, q("thread speedup", "x", tg.value), q("asyncio speedup", "x", ag.value)],
+        [s, t, a, tg.q("thread speedup"), ag.q("asyncio speedup")],
         f"{count} waits of {wait * 1000:.0f} ms: threads {tg.value:.1f}x, asyncio {ag.value:.1f}x faster than one "
         f"after another",
         "waiting work (network, disk, sleeps): threads or async, many at once; the CPU is idle meanwhile",
@@ -191,7 +191,7 @@ def thread_pool(ctx: Context) -> Finding:
     h, p = q("thread per task", "us/task", by_hand), q("ThreadPoolExecutor", "us/task", pooled)
     gain = Effect.ratio(h, p)
     return ctx.finding(
-        judge(gain, 1.0, "above"), [h, p, q("by hand / pool", "x", gain.value)],
+        judge(gain, 1.0, "above"), [h, p, gain.q("by hand / pool")],
         f"{count} empty tasks, {w} at a time: a new thread each costs {fmt(h.median, 'us')}, a pool's task "
         f"{fmt(p.median, 'us')} ({gain.value:.1f}x)",
         "reuse threads (a pool, gs.map(gear='thread')); a thread per task pays its start every time",
@@ -327,7 +327,7 @@ def fine_grained_locks(ctx: Context) -> Finding:
     why = ("; with so little work per transfer the one lock is the bottleneck: a thread switched out while "
            "holding it (likely at the GIL's switch) stalls all others" if verdict == "does not hold" else "")
     return ctx.finding(
-        verdict, [c, f, q("fine / coarse throughput", "x", gain.value)],
+        verdict, [c, f, gain.q("fine / coarse throughput")],
         f"{threads} threads x {transfers:,} transfers among {accounts} accounts (total balance checked after "
         f"each run): a lock per account gave {gain.value:.2f}x the throughput of one lock (minimal: under "
         f"+{MINIMAL_GAIN:.0%}){why}",
