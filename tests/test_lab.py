@@ -36,6 +36,7 @@ from gearshift._lab._core import (
     Machine,
     combine,
     judge,
+    judge_same,
     q,
     this_machine,
 )
@@ -131,6 +132,25 @@ def test_effect_is_taken_per_paired_repeat() -> None:
     assert judge(eff, 1.0, "above") == "holds"
     noisy = Effect.ratio(q("a", "s", [1.0, 1.3]), q("b", "s", [1.2, 1.0]))
     assert judge(noisy, 1.0, "above") == "depends"
+
+
+def test_ratios_spread_on_a_log_scale() -> None:
+    """10x, 100x, 1000x: wildly noisy, but even the worst repeat beats 1x by far: it holds."""
+    eff = Effect.ratio(q("inline", "ms", [10.0, 100.0, 1000.0]), q("to_thread", "ms", [1.0, 1.0, 1.0]))
+    assert eff.value == 100.0 and math.isclose(eff.low, 10.0) and math.isclose(eff.high, 1000.0)
+    assert judge(eff, 1.0, "above") == "holds"
+    straddles = Effect.ratio(q("a", "s", [0.5, 2.0]), q("b", "s", [1.0, 1.0]))
+    assert judge(straddles, 1.0, "above") == "depends"
+
+
+def test_same_speed_holds_only_when_the_whole_spread_is_within_the_tolerance() -> None:
+    def ratio(*values: float) -> Effect:
+        return Effect.ratio(q("a", "s", list(values)), q("b", "s", [1.0] * len(values)))
+
+    assert judge_same(ratio(0.97, 1.0, 1.03), 0.10) == "holds"
+    assert judge_same(ratio(1.5, 1.6, 1.7), 0.10) == "does not hold"
+    assert judge_same(ratio(0.6, 0.65, 0.7), 0.10) == "does not hold"
+    assert judge_same(ratio(0.95, 1.05, 1.3), 0.10) == "depends"
 
 
 def test_combine_one_part_against_decides() -> None:

@@ -8,6 +8,7 @@ the repeats), *does not hold* when it goes the other way by more than the noise,
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import platform
 import statistics
@@ -54,11 +55,25 @@ def q(name: str, unit: str, values: Sequence[float] | float) -> Quantity:
 
 @dataclass(frozen=True)
 class Effect:
-    """An effect in the notes' direction, with its noise: e.g. a speedup of 1.9 +- 0.1."""
+    """An effect in the notes' direction, with its noise: a speedup of 1.9 +- 0.1, or within [low, high]."""
 
     value: float
     noise: float
     values: tuple[float, ...] = ()  # the per-repeat ratios behind ``value``, when paired
+    lo: float | None = None
+    hi: float | None = None
+
+    @property
+    def low(self) -> float:
+        return self.value - self.noise if self.lo is None else self.lo
+
+    @property
+    def high(self) -> float:
+        return self.value + self.noise if self.hi is None else self.hi
+
+    @property
+    def relative_spread(self) -> float:
+        return (self.high - self.low) / 2 / abs(self.value) if self.value else 0.0
 
     def q(self, name: str) -> Quantity:
         """The effect as a measured ratio ("x"), with its per-repeat values where there are some."""
@@ -69,12 +84,19 @@ class Effect:
         """How many times ``fast`` beats ``slow`` (both lower-is-better), per paired repeat.
 
         Repeats run side by side (repeat i of both under the same load), so the ratio is taken
-        per repeat and its own spread is the noise; unpaired repeats fall back to the medians,
-        with the two relative spreads added.
+        per repeat and its own spread is the noise. Ratios multiply, so the spread is taken on
+        their logarithms: 10x, 100x and 1000x is "100x, within a factor of 10 either way", whose
+        low end (10x) still beats 1x. Unpaired repeats fall back to the medians, with the two
+        relative spreads added.
         """
         if len(slow.values) == len(fast.values) and len(slow.values) >= 2 and all(fast.values):
             ratios = [s / f for s, f in zip(slow.values, fast.values, strict=True)]
             med = statistics.median(ratios)
+            if all(r > 0 for r in ratios):
+                logs = [math.log(r) for r in ratios]
+                factor = math.exp((max(logs) - min(logs)) / 2)
+                low, high = med / factor, med * factor
+                return Effect(med, (high - low) / 2, tuple(ratios), low, high)
             return Effect(med, (max(ratios) - min(ratios)) / 2, tuple(ratios))
         med = slow.median / fast.median if fast.median else float("inf")
         return Effect(med, med * (slow.spread + fast.spread))
@@ -84,11 +106,27 @@ def judge(effect: Effect, threshold: float, claimed: Direction) -> Verdict:
     """The one verdict rule: the effect against the notes' threshold, beyond its noise or not."""
     if effect.value != effect.value:  # nan: nothing to judge
         return "depends"
-    above = effect.value - effect.noise > threshold
-    below = effect.value + effect.noise < threshold
+    above = effect.low > threshold
+    below = effect.high < threshold
     if claimed == "above":
         return "holds" if above else "does not hold" if below else "depends"
     return "holds" if below else "does not hold" if above else "depends"
+
+
+def judge_same(ratio: Effect, tolerance: float) -> Verdict:
+    """Claims of "the same speed": holds when the whole noisy ratio stays within 1 +- tolerance.
+
+    Does not hold when the whole of it lies outside (one side really is faster); depends when
+    the noise straddles the tolerance.
+    """
+    top, bottom = 1 + tolerance, 1 / (1 + tolerance)
+    if ratio.value != ratio.value:
+        return "depends"
+    if bottom <= ratio.low and ratio.high <= top:
+        return "holds"
+    if ratio.low > top or ratio.high < bottom:
+        return "does not hold"
+    return "depends"
 
 
 def combine(verdicts: Sequence[Verdict]) -> Verdict:
@@ -253,10 +291,13 @@ def experiment(claim_id: str, claim: str) -> Callable[[Callable[[Context], Findi
 
 
 def noise_text(repeats: int, *effects: Effect) -> str:
+    """The repeats and the widest spread among the judged effects (as a factor when it is that wide)."""
     if not effects:
         return f"{repeats} repeats"
-    worst = max(e.noise / abs(e.value) if e.value else 0.0 for e in effects)
-    return f"{repeats} repeats, spread +-{worst:.0%}"
+    worst = max(effects, key=lambda e: e.relative_spread)
+    if worst.relative_spread < 1 or worst.low <= 0:
+        return f"{repeats} repeats, spread +-{worst.relative_spread:.0%}"
+    return f"{repeats} repeats, spread x/{(worst.high / worst.low) ** 0.5:.1f}"
 
 
 def fmt(x: float, unit: str = "") -> str:

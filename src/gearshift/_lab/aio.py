@@ -13,7 +13,19 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from gearshift._lab._core import Context, Effect, Finding, Machine, Verdict, combine, experiment, fmt, judge, q
+from gearshift._lab._core import (
+    Context,
+    Effect,
+    Finding,
+    Machine,
+    Verdict,
+    combine,
+    experiment,
+    fmt,
+    judge,
+    judge_same,
+    q,
+)
 from gearshift._lab.cpu import SAME_SPEED, timed
 
 _WAITS = {"smallest": 200, "quick": 10_000, "full": 10_000}  # the notes' 10,000
@@ -332,7 +344,7 @@ def task_groups(ctx: Context) -> Finding:
         left.append(asyncio.run(_left_by_gather(n)))
     g, a = q("TaskGroup", "s", group_t), q("gather", "s", gather_t)
     ratio = Effect.ratio(g, a)
-    same = judge(Effect(abs(ratio.value - 1), ratio.noise), SAME_SPEED, "below")
+    same = judge_same(ratio, SAME_SPEED)
     all_cancelled = min(cancelled) == n - 1
     verdict = combine([same, "holds" if all_cancelled else "does not hold"])
     return ctx.finding(

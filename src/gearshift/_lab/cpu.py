@@ -20,6 +20,7 @@ from gearshift._lab._core import (
     experiment,
     fmt,
     judge,
+    judge_same,
     q,
 )
 from gearshift._lab._work import calibrate, cpu_work, ignore_sigint, noop, signals_held, start_mp_pool
@@ -56,11 +57,14 @@ def _cpu_runs(ctx: Context, per_task: float) -> tuple[list[float], list[float], 
     n = calibrate(per_task)
     tasks = [n] * (2 * w)
     serial, threads, procs = [], [], []
+    expected = [cpu_work(t) for t in tasks]
+    got: list[list[int]] = []
     with ThreadPoolExecutor(w) as tpool, process_pool(w) as ppool:
         for _ in range(ctx.repeats):
-            serial.append(timed(lambda: [cpu_work(t) for t in tasks]))
-            threads.append(timed(lambda: list(tpool.map(cpu_work, tasks))))
-            procs.append(timed(lambda: list(ppool.map(cpu_work, tasks))))
+            serial.append(timed(lambda: got.append([cpu_work(t) for t in tasks])))
+            threads.append(timed(lambda: got.append(list(tpool.map(cpu_work, tasks)))))
+            procs.append(timed(lambda: got.append(list(ppool.map(cpu_work, tasks)))))
+    assert all(g == expected for g in got), "a gear computed something else"
     return serial, threads, procs, len(tasks)
 
 
@@ -158,7 +162,7 @@ def upper_bound(ctx: Context) -> Finding:
     cores = ctx.machine.cores
     bound = amdahl(share, min(top, cores))
     got = q(f"speedup with {top} processes", "x", speedups[top])
-    eff = Effect(got.median / bound, got.spread * got.median / bound)
+    eff = Effect.ratio(got, q("bound", "x", [bound] * len(got.values)))  # reached / bound, per repeat
     verdict = judge(eff, 1.0 + 0.05, "below")
     return ctx.finding(
         verdict, [q("serial job", "s", bases), got, q("Amdahl bound", "x", bound), q("serial share", "", share),
@@ -210,8 +214,7 @@ def process_pool_claim(ctx: Context) -> Finding:
             assert got == expected, "a pool returned wrong results"
     a, b = q("multiprocessing.Pool", "s", pool_t), q("ProcessPoolExecutor", "s", exec_t)
     ratio = Effect.ratio(a, b)
-    diff = Effect(abs(ratio.value - 1), ratio.noise)
-    verdict = judge(diff, SAME_SPEED, "below")
+    verdict = judge_same(ratio, SAME_SPEED)
     faster = "ProcessPoolExecutor" if ratio.value > 1 else "multiprocessing.Pool"
     return ctx.finding(
         verdict, [a, b, ratio.q("Pool time / Executor time")],

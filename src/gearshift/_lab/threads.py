@@ -322,8 +322,7 @@ def fine_grained_locks(ctx: Context) -> Finding:
         fine.append(_run_bank(True, threads, transfers, accounts, i))
     c, f = q("one lock for the bank", "transfers/s", coarse), q("a lock per account", "transfers/s", fine)
     gain = Effect.ratio(f, c)  # throughputs, so this is fine / coarse
-    extra = Effect(gain.value - 1, gain.noise)
-    verdict = judge(extra, MINIMAL_GAIN, "below")
+    verdict = judge(gain, 1 + MINIMAL_GAIN, "below")
     why = ("; with so little work per transfer the one lock is the bottleneck: a thread switched out while "
            "holding it (likely at the GIL's switch) stalls all others" if verdict == "does not hold" else "")
     return ctx.finding(
