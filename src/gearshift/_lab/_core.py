@@ -297,7 +297,7 @@ def noise_text(repeats: int, *effects: Effect) -> str:
     worst = max(effects, key=lambda e: e.relative_spread)
     if worst.relative_spread < 1 or worst.low <= 0:
         return f"{repeats} repeats, spread +-{worst.relative_spread:.0%}"
-    return f"{repeats} repeats, spread x/{(worst.high / worst.low) ** 0.5:.1f}"
+    return f"{repeats} repeats, spread a factor of {(worst.high / worst.low) ** 0.5:.1f} either way"
 
 
 def fmt(x: float, unit: str = "") -> str:
