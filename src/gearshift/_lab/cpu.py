@@ -6,8 +6,9 @@ import asyncio
 import multiprocessing
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from gearshift._lab._core import (
@@ -37,18 +38,24 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def process_pool(workers: int) -> ProcessPoolExecutor:
-    """A warm pool of the default start method whose workers leave Ctrl-C to the parent."""
+def shut(pool: ProcessPoolExecutor) -> None:
+    """Shut a pool down whole: a Ctrl-C in the middle of it would leave its workers to atexit."""
+    with signals_held():
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextmanager
+def process_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
+    """A warm pool of the default start method whose workers leave Ctrl-C to the parent; shut on exit."""
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(), initializer=ignore_sigint)
     try:
         with signals_held():  # the workers are forked by these first submits
             warm = [pool.submit(cpu_work, 20_000) for _ in range(workers)]
         for f in warm:  # every worker started before anything is timed
             f.result()
-    except BaseException:
-        pool.shutdown(cancel_futures=True)
-        raise
-    return pool
+        yield pool
+    finally:
+        shut(pool)
 
 
 def _cpu_runs(ctx: Context, per_task: float) -> tuple[list[float], list[float], list[float], int]:
@@ -139,8 +146,8 @@ def upper_bound(ctx: Context) -> Finding:
     n_chunk = calibrate(total * (1 - share) / chunks)
     speedups: dict[int, list[float]] = {w: [] for w in counts}
     bases: list[float] = []
-    pools = {w: process_pool(w) for w in counts if w > 1}
-    try:
+    with ExitStack() as stack:
+        pools = {w: stack.enter_context(process_pool(w)) for w in counts if w > 1}
         for _ in range(ctx.repeats):
             base = timed(lambda: (cpu_work(n_serial), [cpu_work(n_chunk) for _ in range(chunks)]))
             bases.append(base)
@@ -155,9 +162,6 @@ def upper_bound(ctx: Context) -> Finding:
 
                 took = timed(job)
                 speedups[w].append(base / took)
-    finally:
-        for pool in pools.values():
-            pool.shutdown(cancel_futures=True)
     top = max(counts)
     cores = ctx.machine.cores
     bound = amdahl(share, min(top, cores))
@@ -185,15 +189,19 @@ def _mp_pool_run(workers: int, tasks: list[int]) -> list[int]:
         pool.join()
         return [h.get() for h in handles]
     finally:
-        pool.terminate()  # a no-op after join; after Ctrl-C it stops the workers
-        pool.join()
+        with signals_held():  # whole, or the pool's own thread may fork a worker after atexit killed the rest
+            pool.terminate()  # a no-op after join; after Ctrl-C it stops the workers
+            pool.join()
 
 
 def _executor_run(workers: int, tasks: list[int]) -> list[int]:
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(), initializer=ignore_sigint) as ex:
+    ex = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(), initializer=ignore_sigint)
+    try:
         with signals_held():  # the workers are forked by the first submits
             futures = [ex.submit(cpu_work, t) for t in tasks]
         return [f.result() for f in futures]
+    finally:
+        shut(ex)
 
 
 @experiment("process-pool", "multiprocessing.Pool (apply_async, close, join, get) and ProcessPoolExecutor: same speed")
