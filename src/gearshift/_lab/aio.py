@@ -28,7 +28,9 @@ from gearshift._lab._core import (
 )
 from gearshift._lab.cpu import SAME_SPEED, timed
 
-_WAITS = {"smallest": 200, "quick": 10_000, "full": 10_000}  # the notes' 10,000
+#: The full run starts the issue's 10,000 threads; on a loaded 2-core machine that took 100 s (the
+#: kernel's work, mostly), so the quick run measures 2,000 and states the per-wait costs.
+_WAITS = {"smallest": 200, "quick": 2_000, "full": 10_000}
 
 
 def _rss_kib() -> float | None:
@@ -124,7 +126,7 @@ def _probe(kind: str, n: int) -> dict[str, Any]:
 @experiment("async-vs-threads", "Use async when you can, threads when you must: tasks are lighter than threads")
 def async_vs_threads(ctx: Context) -> Finding:
     n = _WAITS.get(ctx.size.name, 3000)
-    repeats = min(ctx.repeats, 3)  # 10,000 threads take seconds: 3 repeats show the spread, more cost much
+    repeats = min(ctx.repeats, 3)  # thousands of threads take seconds: 3 repeats show the spread
     t_time, a_time, t_mem, a_mem, refused = [], [], [], [], 0
     for _ in range(repeats):
         th, ta = _probe("threads", n), _probe("tasks", n)
