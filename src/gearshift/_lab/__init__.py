@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from gearshift._lab import aio, cpu, extras, threads  # noqa: F401  (importing them registers the experiments)
 from gearshift._lab._core import REGISTRY, SIZES, VERDICTS, Context, Finding, Machine, Quantity, Verdict, this_machine
+from gearshift._lab.report import table
 
 #: The table's order: the issue's, which follows the notes.
 ORDER = (
@@ -43,8 +44,6 @@ class LabReport:
     interrupted: bool = False  # set by a caller that caught Ctrl-C and keeps the findings so far
 
     def __str__(self) -> str:
-        from gearshift._lab.report import table
-
         return table(self)
 
     def to_json(self) -> dict[str, Any]:

@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from gearshift._gears import cpu_count
+
 Verdict = Literal["holds", "does not hold", "depends", "not measurable here"]
 VERDICTS: tuple[Verdict, ...] = ("holds", "does not hold", "depends", "not measurable here")
 Direction = Literal["above", "below"]
@@ -223,8 +225,6 @@ def uvloop_version() -> str | None:
 
 
 def this_machine() -> Machine:
-    from gearshift._gears import cpu_count
-
     gil_check: Callable[[], bool] | None = getattr(sys, "_is_gil_enabled", None)  # absent before 3.13: GIL on
     uv = uvloop_version()
     return Machine(
