@@ -49,16 +49,6 @@ def table(report: LabReport, width: int = 110) -> str:
     return "\n".join(lines)
 
 
-def write_json(report: LabReport, path: str) -> None:
-    with open(path, "w", encoding="utf-8") as out:
-        json.dump(report.to_json(), out, indent=2, allow_nan=False, default=_no_nan)
-        out.write("\n")
-
-
-def _no_nan(value: Any) -> Any:
-    raise TypeError(f"not JSON: {value!r}")
-
-
 def _finite(obj: Any) -> Any:
     """NaN and infinities become null, so the JSON stays strict JSON."""
     if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
