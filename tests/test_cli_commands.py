@@ -16,7 +16,7 @@ def gs_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
     return subprocess.run([*GS, *args], capture_output=True, text=True, timeout=120, env=env or cli_env())
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["advise"], ["bench"], ["demo"], ["info"]])
+@pytest.mark.parametrize("command", [[], ["run"], ["advise"], ["bench"], ["demo"], ["lab"], ["info"]])
 def test_help_on_everything(command: list[str]) -> None:
     done = gs_cli(*command, "--help")
     assert done.returncode == 0, done.stderr

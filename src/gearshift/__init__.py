@@ -10,6 +10,8 @@ names start with an underscore are private.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from gearshift._advisor import Advice, advise
 from gearshift._api import ResultIterator, Results, amap, imap, map
 from gearshift._cancel import CancelToken, cancel_token, cancelled
@@ -48,7 +50,23 @@ from gearshift.fetch import FetchRefused, FetchReport, afetch, fetch
 from gearshift.pipeline import Pipeline, PipelineIterator
 from gearshift.pool import AsyncResult, Pool, ThreadPool
 
+if TYPE_CHECKING:
+    from gearshift._lab import Finding, LabReport, lab
+
 __version__ = "0.1.0"
+_LAB_NAMES = {"Finding", "LabReport", "lab"}
+
+
+def __getattr__(name: str) -> Any:
+    """``gs.lab``, ``gs.LabReport``, ``gs.Finding`` load the lab on first use: its ~20 ms of imports
+    (experiments, sockets, subprocesses) are not for every ``import gearshift``."""
+    if name in _LAB_NAMES:
+        from gearshift import _lab  # lazy, see the docstring
+
+        value = getattr(_lab, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'gearshift' has no attribute {name!r}")
 
 __all__ = [
     "Advice",
@@ -65,11 +83,13 @@ __all__ = [
     "Failure",
     "FetchRefused",
     "FetchReport",
+    "Finding",
     "Gear",
     "GearCosts",
     "GearLoadError",
     "GearshiftError",
     "InitializerError",
+    "LabReport",
     "Outcome",
     "Pipeline",
     "PipelineIterator",
@@ -103,6 +123,7 @@ __all__ = [
     "cancelled",
     "fetch",
     "imap",
+    "lab",
     "map",
     "register_gear",
 ]

@@ -1,4 +1,4 @@
-"""The ``gearshift`` command line: run, fetch, advise, bench, demo, info.
+"""The ``gearshift`` command line: run, fetch, advise, bench, demo, lab, info.
 
 Exit codes: 0 every input has a success record; 1 some failed or have no record, or a
 run error; 2 bad usage (one line, no traceback; ``--debug`` shows it), a MODULE:FUNC
@@ -399,6 +399,44 @@ def fetch(urls_file: str, out: str, concurrency: str, rate: str | None, per_host
         signal.signal(signal.SIGTERM, previous)
     click.echo(str(report), err=True)
     sys.exit(EXIT_FAILED if report.failed else 0)
+
+
+@cli.command(epilog=EPILOG)
+@click.option("--quick", is_flag=True, help="Fewer repeats and smaller runs: under 2 minutes on 2 cores.")
+@click.option("--size", type=click.Choice(["smallest", "quick", "full"]), default=None, hidden=True,
+              help="smallest: a smoke test whose numbers mean little (the test suite's).")
+@click.option("--only", default=None, metavar="ID[,ID...]", help="Measure only these claims (see --list).")
+@click.option("--json", "json_path", default=None, metavar="FILE", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Also write the findings as JSON ('-' for stdout): per claim id, claim, measured, verdict, "
+                   "explanation; and the machine.")
+@click.option("--html", "html_path", default=None, metavar="FILE", type=click.Path(dir_okay=False),
+              help="Also write one self-contained HTML page with a plot per claim (needs matplotlib).")
+@click.option("--list", "list_ids", is_flag=True, help="List the claims' ids and exit.")
+@debug_option
+def lab(quick: bool, size: str | None, only: str | None, json_path: str | None, html_path: str | None,
+        list_ids: bool) -> None:
+    """Measure each claim of the course notes on this machine and say whether it holds here.
+
+    Each claim gets one small experiment, repeated; the verdict is "holds" when the effect
+    goes the way the notes say by more than the noise (the spread of the repeats), "does
+    not hold" when it goes the other way by more than the noise, "depends" within the
+    noise, "not measurable here" (with the reason) when this machine cannot test it.
+    The table goes to stdout, progress to stderr. Close other work first: a busy machine
+    shows up as noise.
+
+    \b
+    Example:
+      gearshift lab --quick
+      gearshift lab --only locks,event-loop --json lab.json --html lab.html
+    """
+    from gearshift._cli import lab as labmod
+
+    if list_ids:
+        click.echo(labmod.listing())
+        return
+    ids = labmod.parse_only(only)
+    chosen = size or ("quick" if quick else "full")
+    sys.exit(labmod.run_lab(ids, chosen, json_path, html_path, click.echo))  # type: ignore[arg-type]
 
 
 @cli.command(epilog=EPILOG)
