@@ -60,6 +60,16 @@ def leftover_threads(wait: float = 3.0) -> list[str]:
         time.sleep(0.02)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _environment_restored() -> Iterator[None]:
+    """Libraries some modules start (Ray, Dask) set variables in os.environ: they stay in their module."""
+    saved = dict(os.environ)
+    yield
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture(autouse=True)
 def no_orphans(request: pytest.FixtureRequest) -> Iterator[None]:
     """After each test: no child process and no gearshift thread is left running."""
